@@ -1,0 +1,376 @@
+"""Reconstruction plans: the validated, fully typed description of one reconstruction.
+
+A plan is plain configuration (YAML on disk, a frozen pydantic model in memory). Every
+floating-point value in it reaches the compiled engine as a traced array, so plans that differ
+only in such values share one compiled program; integers that set array shapes (pattern size,
+batch size, probe modes, slices, object size) and named choices (noise model, optimiser) are the
+only things that may compile anew.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class PlanError(ValueError):
+    """A plan (or study) file that cannot be used; the message is one line for the user."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------- data
+class SubsetSpec(_Frozen):
+    """Which scan positions a quick trial uses (like PtyRAD's INDICES_MODE)."""
+
+    mode: Literal["full", "sub", "center"] = "full"
+    step: int = Field(2, ge=1, description="'sub': keep every step-th position along y and x")
+    shape: tuple[int, int] | None = Field(None, description="'center': (ny, nx) positions kept around the centre")
+
+
+class SimulationSpec(_Frozen):
+    """A synthetic dataset with known ground truth, made by `recon.simulate`."""
+
+    lattice: Literal["hexagonal", "square"] = "hexagonal"
+    lattice_constant_A: float = Field(3.16, gt=0)
+    atom_Z: tuple[int, ...] = (42, 16)
+    energy_eV: float = Field(80_000.0, gt=0)
+    semiangle_mrad: float = Field(21.0, gt=0)
+    defocus_A: float = -100.0
+    pattern_px: int = Field(48, ge=8)
+    dk_invA: float = Field(0.0667, gt=0)
+    scan_shape: tuple[int, int] = (16, 16)
+    scan_step_A: float = Field(0.5, gt=0)
+    slices: int = Field(1, ge=1)
+    slice_thickness_A: float = Field(2.0, gt=0)
+    dose_e_per_A2: tuple[float, ...] = (1.0e5,)
+    seed: int = 0
+
+
+class DataSpec(_Frozen):
+    """Where the diffraction patterns come from and how they are prepared."""
+
+    path: str | None = Field(None, description="HDF5 file (native layout or any dataset path) or .npy")
+    patterns: str = Field("dp", description="HDF5 dataset path of the patterns, e.g. dp or dp_noisy/dose_1e+05")
+    simulate: SimulationSpec | None = None
+    positions: str | None = Field(None, description="HDF5 dataset path or .npy of (n, 2) probe positions (y, x) in Å")
+    scan_shape: tuple[int, int] | None = Field(None, description="(ny, nx) for 3D pattern stacks without positions")
+    dc_centered: bool = Field(True, description="zero frequency at [N/2, N/2] on disk (fftshifted)")
+    detector_mask: str | None = Field(None, description="HDF5 dataset path or .npy (ky, kx), nonzero = use pixel")
+    crop_px: int | None = Field(None, ge=4, description="crop patterns to this size around the zero frequency")
+    bin: int = Field(1, ge=1, description="sum bin × bin detector pixels")
+    subset: SubsetSpec = SubsetSpec()
+    heldout_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of positions excluded from fitting")
+    heldout_seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        if (self.path is None) == (self.simulate is None):
+            raise ValueError("give exactly one of data.path or data.simulate")
+        return self
+
+
+# --------------------------------------------------------------------------- optics
+ABERRATION_ORDERS = ("C10", "C12", "C21", "C23", "C30", "C32", "C34", "C41", "C43", "C45", "C50", "C52", "C54", "C56")
+
+
+class Aberrations(_Frozen):
+    """Krivanek coefficients in Å and their angles in degrees (C10 comes from defocus_A)."""
+
+    C12_A: float = 0.0
+    phi12_deg: float = 0.0
+    C21_A: float = 0.0
+    phi21_deg: float = 0.0
+    C23_A: float = 0.0
+    phi23_deg: float = 0.0
+    C30_A: float = 0.0
+    C32_A: float = 0.0
+    phi32_deg: float = 0.0
+    C34_A: float = 0.0
+    phi34_deg: float = 0.0
+    C41_A: float = 0.0
+    phi41_deg: float = 0.0
+    C43_A: float = 0.0
+    phi43_deg: float = 0.0
+    C45_A: float = 0.0
+    phi45_deg: float = 0.0
+    C50_A: float = 0.0
+    C52_A: float = 0.0
+    phi52_deg: float = 0.0
+    C54_A: float = 0.0
+    phi54_deg: float = 0.0
+    C56_A: float = 0.0
+    phi56_deg: float = 0.0
+
+
+class ProbeSpec(_Frozen):
+    """Illumination. Values left null are read from the data file's attributes."""
+
+    energy_eV: float | None = Field(None, gt=0)
+    semiangle_mrad: float | None = Field(None, gt=0)
+    defocus_A: float | None = Field(None, description="= -C10; positive is underfocus")
+    aberrations: Aberrations = Aberrations()
+    aperture: Literal["hard", "soft"] = "soft"
+    aperture_edge_px: float = Field(0.5, ge=0, description="soft aperture: width of the edge in detector pixels")
+    modes: int = Field(1, ge=1, le=16)
+    main_mode_fraction: float = Field(0.8, gt=0, le=1, description="power in mode 0; the rest is split evenly")
+    tilt_mrad: tuple[float, float] = (0.0, 0.0)
+
+
+class DetectorSpec(_Frozen):
+    """Reciprocal-space calibration."""
+
+    dk_invA: float | None = Field(None, gt=0, description="detector pixel in 1/Å (sets dx = 1/(N dk))")
+
+
+class ScanSpec(_Frozen):
+    """Scan geometry applied to the nominal positions, about their centroid."""
+
+    step_A: float | None = Field(None, gt=0, description="scan step; null: from the data")
+    rotation_deg: float = 0.0
+    affine: tuple[float, float, float, float] = Field((1.0, 0.0, 0.0, 1.0), description="(yy, yx, xy, xx)")
+
+
+class ObjectSpec(_Frozen):
+    slices: int = Field(1, ge=1)
+    slice_thickness_A: float | None = Field(None, gt=0, description="null: total thickness from the data / slices")
+    parameterization: Literal["amp_phase", "complex"] = "amp_phase"
+    margin_px: int = Field(8, ge=0, description="object pixels beyond the outermost probe windows")
+    size_px: tuple[int, int] | None = Field(None, description="explicit object size; null: from the scan")
+    init_amplitude: float = Field(1.0, gt=0)
+    init_phase_rad: float = 0.0
+
+
+class NoiseModel(_Frozen):
+    name: Literal["amplitude", "anscombe", "poisson", "intensity"] = "amplitude"
+    eps: float = Field(1.0e-6, gt=0, description="guard added inside sqrt / log")
+
+
+# --------------------------------------------------------------------------- optimisation
+class OptimizerSpec(_Frozen):
+    name: Literal["adam", "sgd", "momentum", "rmsprop", "adabelief", "lamb", "yogi"] = "adam"
+    learning_rate: float = Field(1.0e-2, ge=0)
+    start_iteration: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine", "exponential", "warmup_cosine"] = "constant"
+    decay_rate: float = Field(0.97, gt=0, le=1, description="exponential: factor per iteration")
+    warmup_iterations: int = Field(5, ge=0)
+    final_fraction: float = Field(0.1, ge=0, le=1, description="cosine schedules end at lr × this")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd with momentum / rmsprop decay")
+
+
+class Optimizers(_Frozen):
+    object: OptimizerSpec = OptimizerSpec(learning_rate=0.05)
+    probe: OptimizerSpec = OptimizerSpec(learning_rate=0.01)
+    positions: OptimizerSpec = OptimizerSpec(learning_rate=0.0, start_iteration=10)
+
+
+class Regularizers(_Frozen):
+    """Weights of the cost terms added to the data term (0 = off)."""
+
+    object_l1: float = Field(0.0, ge=0)
+    object_l2: float = Field(0.0, ge=0)
+    object_tikhonov: float = Field(0.0, ge=0)
+    object_tv: float = Field(0.0, ge=0)
+    phase_l1: float = Field(0.0, ge=0)
+    layer_tikhonov: float = Field(0.0, ge=0)
+    layer_tv: float = Field(0.0, ge=0)
+    probe_l2: float = Field(0.0, ge=0)
+    tv_eps: float = Field(1.0e-8, gt=0)
+
+
+class Schedule(_Frozen):
+    """PtyRAD-style activity window: on at iterations start, start+step, ... < end."""
+
+    enabled: bool = False
+    start: int = Field(0, ge=0)
+    step: int = Field(1, ge=1)
+    end: int | None = Field(None, ge=0)
+
+
+class FixProbeIntensity(Schedule):
+    enabled: bool = True
+
+
+class OrthogonalizeProbe(Schedule):
+    enabled: bool = True
+
+
+class ObjectAmplitude(Schedule):
+    enabled: bool = True
+    min: float = Field(0.0, ge=0)
+    max: float = Field(1.0, gt=0)
+
+
+class PhasePositivity(Schedule):
+    relax: float = Field(1.0, ge=0, le=1, description="fraction of negative phase removed per application")
+
+
+class LateralLowpass(Schedule):
+    sigma_px: float = Field(0.5, ge=0)
+
+
+class ZBlur(Schedule):
+    sigma_slices: float = Field(1.0, ge=0)
+
+
+class KzFilter(Schedule):
+    beta: float = Field(1.0, gt=0)
+    strength: float = Field(1.0, ge=0, le=1)
+
+
+class ProbeFourierMask(Schedule):
+    radius_factor: float = Field(1.2, gt=0, description="mask radius in units of the aperture radius")
+
+
+class Constraints(_Frozen):
+    fix_probe_intensity: FixProbeIntensity = FixProbeIntensity()
+    orthogonalize_probe: OrthogonalizeProbe = OrthogonalizeProbe()
+    object_amplitude: ObjectAmplitude = ObjectAmplitude()
+    phase_positivity: PhasePositivity = PhasePositivity()
+    lateral_lowpass: LateralLowpass = LateralLowpass()
+    z_blur: ZBlur = ZBlur()
+    kz_filter: KzFilter = KzFilter()
+    phase_ramp_removal: Schedule = Schedule()
+    probe_fourier_mask: ProbeFourierMask = ProbeFourierMask()
+    position_recentering: Schedule = Schedule(enabled=True)
+
+
+# --------------------------------------------------------------------------- the plan
+class Plan(_Frozen):
+    """One reconstruction: data, optics, object model, loss and optimisation."""
+
+    iterations: int = Field(100, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+    data: DataSpec
+    probe: ProbeSpec = ProbeSpec()
+    detector: DetectorSpec = DetectorSpec()
+    scan: ScanSpec = ScanSpec()
+    object: ObjectSpec = ObjectSpec()
+    noise_model: NoiseModel = NoiseModel()
+    optimizers: Optimizers = Optimizers()
+    regularizers: Regularizers = Regularizers()
+    constraints: Constraints = Constraints()
+    divergence_factor: float = Field(1.0e3, gt=1, description="stop when the loss exceeds its first value × this")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-"))
+
+
+def describe_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:
+    """One line naming the file, the key path, what was wrong and what is allowed."""
+    e = err.errors()[0]
+    key = prefix + _loc(e["loc"])
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        msg = f"unknown key{_allowed_keys_hint(parent, prefix)}"
+    elif e["type"] == "literal_error":
+        msg = msg.replace("Input should be", "allowed values are")
+    return f"{source}: {key or '(top level)'}: {msg}" + (f" (got {e['input']!r})" if _short(e.get("input")) else "")
+
+
+def _short(value: Any) -> bool:
+    return value is not None and not isinstance(value, (dict, list)) and len(repr(value)) < 60
+
+
+def _allowed_keys_hint(parent: str, prefix: str) -> str:
+    model: Any = Plan
+    path = parent[len(prefix):] if parent.startswith(prefix) else parent
+    for part in [p for p in path.split(".") if p]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        model = _model_of(field.annotation)
+        if model is None:
+            return ""
+    return "; allowed keys: " + ", ".join(model.model_fields)
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def plan_from_dict(raw: Any, source: str = "<plan>", base_dir: Path | None = None) -> Plan:
+    """Validate a mapping as a Plan; relative data paths resolve against base_dir."""
+    if not isinstance(raw, dict):
+        raise PlanError(f"{source}: expected a mapping of plan keys, got {type(raw).__name__}")
+    try:
+        plan = Plan.model_validate(raw)
+    except ValidationError as err:
+        raise PlanError(describe_validation_error(err, source)) from None
+    return resolve_paths(plan, base_dir) if base_dir is not None else plan
+
+
+def resolve_paths(plan: Plan, base_dir: Path) -> Plan:
+    """Make relative file paths in plan.data absolute against base_dir."""
+    updates = {}
+    for key in ("path", "positions", "detector_mask"):
+        value = getattr(plan.data, key)
+        is_file = key == "path" or (value or "").endswith(".npy")
+        if value and is_file and not Path(value).expanduser().is_absolute():
+            updates[key] = str((base_dir / Path(value).expanduser()).resolve())
+    if not updates:
+        return plan
+    return plan.model_copy(update={"data": plan.data.model_copy(update=updates)})
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Read YAML with the safe loader; a missing or malformed file is a PlanError."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise PlanError(f"{p}: cannot read file ({err.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PlanError(f"{p}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+
+
+def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan:
+    """Load and validate a plan file; `overrides` maps dotted keys to values."""
+    p = Path(path)
+    raw = load_yaml(p)
+    if isinstance(raw, dict) and overrides:
+        raw = apply_overrides(raw, overrides)
+    return plan_from_dict(raw, str(p), base_dir=p.parent)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a deep copy of raw with dotted keys set (creating nested mappings as needed)."""
+    out = _deep_copy(raw)
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
