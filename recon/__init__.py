@@ -1,0 +1,1 @@
+"""recon: JAX electron ptychography engine that compiles once per study."""
