@@ -13,9 +13,12 @@ fitted to the Lobato IAM potentials of Mo, S, Sr, Ti and O in ../shared/data (NR
 the band-limited projected potentials). It is evaluated analytically in Fourier space on the
 cell, which is exact band-limited sampling (no aliasing, no supersampling needed).
 
-Patterns come from the engine's forward model (`recon.forward.predict_patterns`) with the
-engine's probe (`recon.physics.probe_from_aberrations`, soft aperture edge 0.5 px) on the
-transmission exp(iσV) band-limited to 2/3 of Nyquist, as in multislice. Clean patterns are the
+Patterns come from the engine's forward model (`recon.forward.predict_patterns`, propagators
+band-limited to 2/3 of Nyquist) with the engine's probe (`recon.physics.probe_from_aberrations`,
+soft aperture edge 0.5 px) on the transmission exp(iσV). The transmission itself is not
+band-limited, exactly as in the engine: like the shared abTEM data (simulated on a much finer
+grid), the patterns then carry the object's frequencies up to the grid's Nyquist, which the
+ground truth holds too. Clean patterns are the
 fraction of the incident beam per pixel; noisy ones are Poisson counts with dose·step² incident
 electrons per pattern, dose i drawn from numpy default_rng([seed, i]).
 """
@@ -166,7 +169,7 @@ def dose_name(dose: float) -> str:
 # --------------------------------------------------------------------------- simulation
 def simulate(spec: SimulationSpec) -> SimulatedData:
     """Simulate the dataset described by `spec`; deterministic for a given spec (and seed)."""
-    from .forward import band_limit_mask, predict_patterns
+    from .forward import predict_patterns
     from .physics import probe_from_aberrations, sigma_rad_per_VA, wavelength_A
 
     names = _check_doses(spec.dose_e_per_A2)
@@ -184,8 +187,7 @@ def simulate(spec: SimulationSpec) -> SimulatedData:
     V_slices = np.repeat(layer[None].astype(np.float32), spec.slices, axis=0)
     sigma = float(sigma_rad_per_VA(spec.energy_eV))
 
-    transmission = np.fft.ifft2(np.fft.fft2(np.exp(1j * sigma * layer)) * np.asarray(band_limit_mask(m)))
-    transmission = np.repeat(transmission[None].astype(np.complex64), spec.slices, axis=0)
+    transmission = np.repeat(np.exp(1j * sigma * layer)[None].astype(np.complex64), spec.slices, axis=0)
     probe = np.asarray(probe_from_aberrations(n, spec.dk_invA, spec.energy_eV, spec.semiangle_mrad,
                                               spec.defocus_A, aperture_edge_px=APERTURE_EDGE_PX))
     y_A, x_A = scan_grid(spec.scan_shape, spec.scan_step_A, side)
