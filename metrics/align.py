@@ -33,24 +33,25 @@ class TruthShifter:
     shift of the periodic part and cubic spline of the smooth part (Moisan decomposition)."""
 
     spectrum: np.ndarray
-    smooth: np.ndarray | None
+    shape: tuple[int, int]
+    smooth_coeffs: np.ndarray | None
 
     @classmethod
     def make(cls, truth: np.ndarray, periodic: bool) -> TruthShifter:
         if periodic:
-            return cls(np.fft.fft2(truth), None)
+            return cls(np.fft.rfft2(truth), truth.shape, None)
         p, s = periodic_smooth(truth)
-        return cls(np.fft.fft2(p), s)
+        return cls(np.fft.rfft2(p), truth.shape, ndimage.spline_filter(s, order=3, mode="nearest"))
 
     def region(self, rows: np.ndarray, cols: np.ndarray, delta_yx_px: np.ndarray) -> np.ndarray:
         """truth(i − δy, j − δx) at integer rows × cols (taken modulo the truth's size)."""
-        ny, nx = self.spectrum.shape
-        ramp = _shift_ramp(ny, delta_yx_px[0])[:, None] * _shift_ramp(nx, delta_yx_px[1])[None, :]
-        full = np.fft.ifft2(self.spectrum * ramp).real
+        ny, nx = self.shape
+        ramp = _shift_ramp(ny, delta_yx_px[0])[:, None] * _shift_ramp(nx, delta_yx_px[1])[None, : nx // 2 + 1]
+        full = np.fft.irfft2(self.spectrum * ramp, s=self.shape)
         out = full[(rows % ny)[:, None], (cols % nx)[None, :]]
-        if self.smooth is not None:
+        if self.smooth_coeffs is not None:
             uu, vv = np.meshgrid(rows - delta_yx_px[0], cols - delta_yx_px[1], indexing="ij")
-            out = out + ndimage.map_coordinates(self.smooth, [uu, vv], order=3, mode="nearest")
+            out = out + ndimage.map_coordinates(self.smooth_coeffs, [uu, vv], order=3, mode="nearest", prefilter=False)
         return out
 
 

@@ -20,6 +20,8 @@ from .frc import FRCCurve, Rings, frc_from_fft, window_2d
 from .io import GroundTruth, Reconstruction, as_reconstruction
 from .region import Region, make_region, region_weight
 
+COARSE_UPSAMPLE = 10
+RESAMPLE_PAD_PX = 48
 RESOLUTION_KEYS = {
     "half_bit": "frc_resolution_half_bit_A",
     "0.5": "frc_resolution_05_A",
@@ -36,7 +38,8 @@ class ScoreOptions:
     frc_window: ``hann``, ``tukey``, ``tukey:ALPHA`` or ``none``; rings with fewer than
     ``frc_min_ring_px`` Fourier pixels are skipped; ``frc_area`` averages the FRC up to
     ``frc_area_max_frac`` · Nyquist. Registration: ``register_iters`` rounds of upsampled
-    cross-correlation (precision 1/``upsample_factor`` px), each resampling the reconstruction.
+    cross-correlation, the first at 1/10 px, the others at 1/``upsample_factor`` px, each moving the
+    truth by the current estimate; ``quick`` scores use the ``quick_*`` settings.
     """
 
     roi: str = "scan"
@@ -46,7 +49,7 @@ class ScoreOptions:
     frc_min_ring_px: int = 16
     frc_area_max_frac: float = 1.0
     register: bool = True
-    register_iters: int = 4
+    register_iters: int = 3
     upsample_factor: int = 100
     quick_register_iters: int = 2
     quick_upsample_factor: int = 20
@@ -202,6 +205,7 @@ class Scorer:
             raise ScoringError(f"reconstruction dx_A must be positive, got {dx_A} ({source})")
         origin = np.array([float(origin_yx_A[0]), float(origin_yx_A[1])])
         if abs(dx_A / self.gt.dx_A - 1) > 1e-6:
+            phase, origin = self._crop_near_region(phase, dx_A, origin)
             phase = resample_lattice(phase, dx_A, self.gt.dx_A)
         origin_px = origin / self.gt.dx_A
         if self._pair(phase, origin_px, np.zeros(2)) is None:
@@ -213,6 +217,16 @@ class Scorer:
                 f" x {origin[1]:.2f}..{origin[1] + (nx - 1) * self.gt.dx_A:.2f} Å) ({source})"
             )
         return phase, origin_px
+
+    def _crop_near_region(
+        self, phase: np.ndarray, dx_A: float, origin: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The part of a phase image within RESAMPLE_PAD_PX truth pixels of the region, and its origin."""
+        pad_A = RESAMPLE_PAD_PX * self.gt.dx_A
+        y_A, x_A = self.region.coords_A(self.gt.dx_A)
+        lo = np.floor((np.array([y_A[0], x_A[0]]) - pad_A - origin) / dx_A).astype(int).clip(0)
+        hi = np.ceil((np.array([y_A[-1], x_A[-1]]) + pad_A - origin) / dx_A).astype(int) + 1
+        return phase[lo[0] : hi[0], lo[1] : hi[1]], origin + lo * dx_A
 
     def _pair(
         self, lattice: np.ndarray, origin_px: np.ndarray, shift: np.ndarray
@@ -232,10 +246,11 @@ class Scorer:
         """Shift (px) of the reconstruction relative to the truth, its pixels on the region, and δ."""
         opt = self.options
         iters = (opt.quick_register_iters if quick else opt.register_iters) if opt.register else 0
-        upsample = opt.quick_upsample_factor if quick else opt.upsample_factor
+        final_upsample = opt.quick_upsample_factor if quick else opt.upsample_factor
         shift = np.zeros(2)
         recon, delta = self._pair(lattice, origin_px, shift)
-        for _ in range(iters):
+        for it in range(iters):
+            upsample = min(COARSE_UPSAMPLE, final_upsample) if it == 0 else final_upsample
             truth = self.shifter.region(self.rows, self.cols, delta)
             reference_ft = np.fft.fft2(self.plane.detrend(truth) * self.register_window)
             step = registration_step(reference_ft, self.plane.detrend(recon) * self.register_window, upsample)
@@ -244,7 +259,7 @@ class Scorer:
                 break
             shift += step
             recon, delta = moved
-            if np.max(np.abs(step)) < 1.0 / upsample:
+            if upsample == final_upsample and np.max(np.abs(step)) < 2.0 / upsample:
                 break
         return shift, recon, delta
 
