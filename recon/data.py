@@ -7,8 +7,9 @@ Sources (`DataSpec`):
 * `simulate:` a synthetic dataset from `recon.simulate` (its first noisy dose, or the clean
   patterns when `dose_e_per_A2` is empty), prepared exactly like a file.
 
-Preparation, in this order: position subset (read with h5py slicing, so only the kept patterns
-are loaded), zero frequency moved to [0, 0] (`dc_centered: true` means it is at [N/2, N/2] on
+Preparation, in this order: position subset (`sub`: every k-th row and column, `center`: an
+(ny, nx) block; both keep the central position (ny//2, nx//2) of the grid; read with h5py slicing,
+so only the kept patterns are loaded), zero frequency moved to [0, 0] (`dc_centered: true` means it is at [N/2, N/2] on
 disk), crop to `crop_px` around the zero frequency, `bin × bin` summing. Binning works on the
 periodic frequency axis so that every block is centred on the zero frequency (exactly for odd
 `bin`, half an original pixel low for even `bin`); the binned Nyquist row and column therefore
@@ -30,9 +31,6 @@ import h5py
 import numpy as np
 
 from .plan import DataSpec, PlanError, SubsetSpec
-
-HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".emd", ".cxi")
-
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
@@ -88,8 +86,8 @@ def load_dataset(spec: DataSpec) -> Dataset:
     path = _existing_file(spec.path)
     if path.suffix.lower() == ".npy":
         return _prepare(_open_npy(path, spec), spec)
-    if path.suffix.lower() not in HDF5_SUFFIXES and not h5py.is_hdf5(path):
-        raise PlanError(f"{path}: data.path: not an HDF5 or .npy file (allowed: {', '.join(HDF5_SUFFIXES)}, .npy)")
+    if not h5py.is_hdf5(path):
+        raise PlanError(f"{path}: data.path: not an HDF5 file (allowed: HDF5 or .npy)")
     with h5py.File(path, "r") as f:
         return _prepare(_open_hdf5(f, path, spec), spec)
 

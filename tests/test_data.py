@@ -188,8 +188,11 @@ def test_bad_values_and_shapes(tmp_path):
     np.save(tmp_path / "pos.npy", np.zeros((30, 2)))
     assert "'full'" in _error(DataSpec(path=str(tmp_path / "stack.npy"), positions=str(tmp_path / "pos.npy"),
                                        subset=SubsetSpec(mode="sub")))
-    (tmp_path / "text.txt").write_text("hello")
-    assert "not an HDF5 or .npy" in _error(DataSpec(path=str(tmp_path / "text.txt")))
+    for name in ("text.txt", "fake.h5"):
+        (tmp_path / name).write_text("hello")
+        assert "not an HDF5 file" in _error(DataSpec(path=str(tmp_path / name)))
+    (tmp_path / "fake.npy").write_text("hello")
+    assert "cannot read as .npy" in _error(DataSpec(path=str(tmp_path / "fake.npy")))
 
 
 def test_heldout_indices():
