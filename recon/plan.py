@@ -163,8 +163,8 @@ class OptimizerSpec(_Frozen):
 
 
 class Optimizers(_Frozen):
-    object: OptimizerSpec = OptimizerSpec(learning_rate=0.05)
-    probe: OptimizerSpec = OptimizerSpec(learning_rate=0.01)
+    object: OptimizerSpec = OptimizerSpec(learning_rate=0.02, schedule="cosine")
+    probe: OptimizerSpec = OptimizerSpec(learning_rate=0.001, schedule="cosine")
     positions: OptimizerSpec = OptimizerSpec(learning_rate=0.0, start_iteration=10)
 
 

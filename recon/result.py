@@ -1,0 +1,94 @@
+"""Reconstruction results: in memory, and as HDF5 files that can be scored and resumed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import yaml
+
+from .plan import Plan, PlanError, plan_from_dict
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished (or stopped) reconstruction.
+
+    object: complex64 (slices, y, x) transmission; probe: complex64 (modes, N, N), centred at
+    [N/2, N/2]; positions_yx_A: (n, 2) fitted positions after correction (held-out positions are
+    at their nominal place); object pixel [i, j] sits at origin_yx_A + (i, j)·dx_A.
+    """
+
+    object: np.ndarray
+    probe: np.ndarray
+    positions_yx_A: np.ndarray
+    dx_A: float
+    origin_yx_A: tuple[float, float]
+    plan: Plan
+    history: dict[str, np.ndarray]
+    slice_thickness_A: float
+    energy_eV: float
+    sigma_rad_per_VA: float
+    iterations_done: int
+    diverged: bool
+    converged: bool
+    stop_reason: str
+    heldout_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    heldout_loss: float = float("nan")
+    final_data_loss: float = float("nan")
+    compile_s: float = 0.0
+    run_s: float = 0.0
+
+    @property
+    def phase(self) -> np.ndarray:
+        """Phase of the object summed over slices (y, x) in radians."""
+        return np.angle(self.object).sum(axis=0)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the documented HDF5 layout (README, "Result file")."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        with h5py.File(tmp, "w") as f:
+            f["object"] = self.object.astype(np.complex64)
+            f["probe"] = self.probe.astype(np.complex64)
+            f["positions_yx_A"] = np.asarray(self.positions_yx_A, np.float64)
+            f["heldout_indices"] = np.asarray(self.heldout_indices, np.int64)
+            for name, values in self.history.items():
+                f[f"history/{name}"] = np.asarray(values)
+            f.attrs["dx_A"] = float(self.dx_A)
+            f.attrs["origin_yx_A"] = np.asarray(self.origin_yx_A, np.float64)
+            f.attrs["plan"] = self.plan.to_yaml()
+            for key in ("slice_thickness_A", "energy_eV", "sigma_rad_per_VA", "heldout_loss", "final_data_loss",
+                        "compile_s", "run_s"):
+                f.attrs[key] = float(getattr(self, key))
+            f.attrs["iterations_done"] = int(self.iterations_done)
+            f.attrs["diverged"] = bool(self.diverged)
+            f.attrs["converged"] = bool(self.converged)
+            f.attrs["stop_reason"] = self.stop_reason
+        tmp.replace(path)
+        return path
+
+
+def load_result(path: str | Path) -> Result:
+    """Read a result file written by Result.save; a wrong file is a PlanError naming it."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            a = dict(f.attrs)
+            plan = plan_from_dict(yaml.safe_load(a["plan"]), f"{path}:plan")
+            return Result(
+                object=f["object"][()], probe=f["probe"][()], positions_yx_A=f["positions_yx_A"][()],
+                dx_A=float(a["dx_A"]), origin_yx_A=tuple(float(v) for v in a["origin_yx_A"]), plan=plan,
+                history={k: f["history"][k][()] for k in f["history"]},
+                slice_thickness_A=float(a["slice_thickness_A"]), energy_eV=float(a["energy_eV"]),
+                sigma_rad_per_VA=float(a["sigma_rad_per_VA"]), iterations_done=int(a["iterations_done"]),
+                diverged=bool(a["diverged"]), converged=bool(a["converged"]), stop_reason=str(a["stop_reason"]),
+                heldout_indices=f["heldout_indices"][()], heldout_loss=float(a["heldout_loss"]),
+                final_data_loss=float(a["final_data_loss"]), compile_s=float(a["compile_s"]), run_s=float(a["run_s"]),
+            )
+    except OSError as err:
+        raise PlanError(f"{path}: cannot read result file ({err})") from None
+    except KeyError as err:
+        raise PlanError(f"{path}: not a ptytune result file (missing {err.args[0]})") from None
