@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import h5py
@@ -26,7 +27,7 @@ from matplotlib.figure import Figure
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import TrialState
 
-from tune.dashboard import open_storage
+from tune.dashboard import close_storage, open_storage
 from tune.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +101,9 @@ def build_study(tmp_path: Path, directions: list[str], states: list[TrialState],
     store = FileSystemArtifactStore(str(tmp_path / "artifacts"))
     study = optuna.create_study(study_name="s", storage=url, directions=directions)
     if len(directions) == 2:
-        study.set_metric_names(["nrmse", "runtime_s"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["nrmse", "runtime_s"])
     for number, state in enumerate(states):
         trial = study.ask()
         lr = trial.suggest_float("lr", 1e-3, 1.0, log=True)
@@ -190,6 +193,13 @@ def test_importance_guard_and_no_ground_truth(tmp_path: Path) -> None:
     assert len(re.findall(r'<img alt="trial \d+" src="data:image/png;base64,', page)) == 1
 
 
+def test_unreadable_ground_truth_is_a_note(tmp_path: Path) -> None:
+    url = build_study(tmp_path, ["minimize"], [TrialState.COMPLETE, TrialState.COMPLETE])
+    page = write_report(url, "s", tmp_path / "out", ground_truth=tmp_path / "missing.h5").html.read_text()
+    assert "Ground truth not used" in page
+    assert '<section id="reconstructions">' in page
+
+
 def test_multi_objective(tmp_path: Path) -> None:
     url = build_study(tmp_path, ["minimize", "minimize"], MIXED, results=False)
     page = write_report(url, "s", tmp_path / "out").html.read_text()
@@ -206,6 +216,28 @@ def test_open_storage_never_creates_a_database(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         open_storage(f"sqlite:///{tmp_path / 'missing.db'}")
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_read_only_storage_reads_and_refuses_writes(tmp_path: Path) -> None:
+    url = build_study(tmp_path, ["minimize"], [TrialState.COMPLETE], results=False)
+    storage = open_storage(url, read_only=True)
+    try:
+        study = optuna.load_study(study_name="s", storage=storage)
+        assert len(study.trials) == 1
+        with pytest.raises(optuna.exceptions.StorageInternalError):
+            study.set_user_attr("note", "from the dashboard")
+    finally:
+        close_storage(storage)
+
+
+def test_journal_storage_report(tmp_path: Path) -> None:
+    journal = tmp_path / "study.log"
+    backend = optuna.storages.journal.JournalFileBackend(str(journal))
+    study = optuna.create_study(study_name="j", storage=optuna.storages.JournalStorage(backend))
+    study.optimize(lambda trial: trial.suggest_float("x", -1, 1) ** 2, n_trials=3)
+    paths = write_report(str(journal), "j", tmp_path / "out")
+    assert len(pd.read_csv(paths.csv)) == 3
+    assert '<section id="history">' in paths.html.read_text()
 
 
 def free_port() -> int:

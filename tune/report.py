@@ -452,10 +452,10 @@ def trial_panel(
     return ReconPanel(trial.number, caption, note=f"Trial {trial.number} kept no result file and no images.")
 
 
-def reconstruction_panels(trials: Sequence[FrozenTrial], inputs: ReconInputs) -> list[ReconPanel]:
-    """Panels for the given trials, compared with the ground truth when there is one."""
-    truth = inputs.ground_truth
-    scorer = make_scorer(truth, inputs.score_options) if truth is not None else None
+def reconstruction_panels(
+    trials: Sequence[FrozenTrial], scorer: metrics.Scorer | None, inputs: ReconInputs
+) -> list[ReconPanel]:
+    """Panels for the given trials, compared with the ground truth when there is a scorer."""
     store = FileSystemArtifactStore(str(inputs.artifact_dir)) if inputs.artifact_dir is not None else None
     with tempfile.TemporaryDirectory(prefix="ptytune-report-") as scratch:
         return [trial_panel(t, scorer, store, inputs.base_dir, Path(scratch)) for t in trials]
@@ -518,11 +518,16 @@ def summary_html(study: optuna.Study, trials: Sequence[FrozenTrial], surplus: in
     return "\n".join(parts)
 
 
-def reconstructions_html(panels: Sequence[ReconPanel], has_truth: bool) -> str:
-    """The best reconstructions' images, or notes where none could be drawn."""
-    intro = "" if has_truth else note_html("No ground truth given: reconstructions are shown alone, without FRC.")
+def reconstructions_html(trials: Sequence[FrozenTrial], inputs: ReconInputs) -> str:
+    """The best reconstructions' images (beside the truth when it can be read), or notes why not."""
+    scorer, intro = None, note_html("No ground truth given: reconstructions are shown alone, without FRC.")
+    if inputs.ground_truth is not None:
+        try:
+            scorer, intro = make_scorer(inputs.ground_truth, inputs.score_options), ""
+        except (OSError, metrics.ScoringError) as error:
+            intro = note_html(f"Ground truth not used: {error}")
     items = []
-    for panel in panels:
+    for panel in reconstruction_panels(trials, scorer, inputs):
         body = "".join(png_html(png, f"trial {panel.trial}") for png in panel.images) or note_html(panel.note)
         items.append(f"<figure><figcaption>{html.escape(panel.caption)}</figcaption>{body}</figure>")
     return intro + ("\n".join(items) if items else note_html("No complete trial to show."))
@@ -548,7 +553,6 @@ def render_report(study: optuna.Study, inputs: ReconInputs, now: datetime | None
     intermediate = note_html(note) if note else figures_html(
         lambda: [("Intermediate values", vis.plot_intermediate_values(analysed))]
     )
-    panels = reconstruction_panels(ranked_trials(analysed, inputs.top_k), inputs)
     sections += [
         section_html("history", "Optimisation history", figures_html(
             lambda: per_objective(analysed, vis.plot_optimization_history, "History"))),
@@ -560,7 +564,7 @@ def render_report(study: optuna.Study, inputs: ReconInputs, now: datetime | None
         section_html("intermediate", "Intermediate values", intermediate),
         section_html("timeline", "Worker timeline", timeline_body),
         section_html("reconstructions", f"Best {inputs.top_k} reconstructions",
-                     reconstructions_html(panels, inputs.ground_truth is not None)),
+                     reconstructions_html(ranked_trials(analysed, inputs.top_k), inputs)),
     ]
     return page_html(study.study_name, now, sections)
 
