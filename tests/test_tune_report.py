@@ -122,9 +122,9 @@ def build_study(tmp_path: Path, directions: list[str], states: list[TrialState],
         if len(directions) == 1:
             for step in range(0, 6, 2):
                 trial.report(nrmse + 1.0 / (step + 1), step)
-        if number == len(states) - 1 and state == TrialState.COMPLETE:
+        if number == len(states) - 1 and state == TrialState.FAIL:  # over the budget: failed, never run
             trial.set_user_attr("surplus", True)
-        if state == TrialState.FAIL:
+        elif state == TrialState.FAIL:
             trial.set_user_attr("fail_reason", "NaN loss at iteration 7")
         if state == TrialState.RUNNING:
             continue
@@ -139,7 +139,7 @@ def save(path: Path, data: bytes) -> Path:
     return path
 
 
-MIXED = [TrialState.COMPLETE] * 4 + [TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.COMPLETE]
+MIXED = [TrialState.COMPLETE] * 4 + [TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.FAIL]
 
 
 def assert_self_contained(page: str) -> None:
@@ -152,11 +152,16 @@ def assert_self_contained(page: str) -> None:
 
 def test_report_sections_csv_and_images(tmp_path: Path) -> None:
     url = build_study(tmp_path, ["minimize"], MIXED)
+    failed = optuna.load_study(study_name="s", storage=url).trials[5]
+    rerun = optuna.trial.create_trial(  # what RetryHeartbeatStaleTrialCallback leaves for a lost worker's trial
+        params=failed.params, distributions=failed.distributions, value=0.9,
+        system_attrs={"failed_trial": 5, "retry_history": [5]})
+    optuna.load_study(study_name="s", storage=url).add_trial(rerun)
     truth = write_truth(tmp_path / "truth.h5")
     paths = write_report(url, "s", tmp_path / "out", ground_truth=truth, top_k=3, artifact_dir=tmp_path / "artifacts")
 
     table = pd.read_csv(paths.csv)
-    assert len(table) == len(MIXED)
+    assert len(table) == len(MIXED) + 1
     assert {"user_attrs_metrics_nrmse", "user_attrs_artifacts_phase_png", "params_lr"} <= set(table.columns)
     assert json.loads(table["user_attrs_loss_curve"][0]) == [1.0, 0.5, 0.25]
     assert table["user_attrs_surplus"].fillna(False).astype(bool).sum() == 1
@@ -166,7 +171,8 @@ def test_report_sections_csv_and_images(tmp_path: Path) -> None:
     for key in SECTIONS:
         assert f'<section id="{key}">' in page
     assert "Surplus trials left out: 1" in page
-    assert "NaN loss at iteration 7" in page
+    assert "<td>NaN loss at iteration 7</td>\n      <td>8</td>" in page  # trial 5, re-run as 8
+    assert "<td>7</td>" not in page  # the surplus trial
     assert "node1 · worker 0" in page
     assert "Could not draw" not in page
     # trials 0 and 1 are drawn against the truth from their result files, trial 2 falls back to its image

@@ -2,8 +2,8 @@
 
 The study is read once into memory (load, copy trials, close) so the report never holds a
 connection beside running workers. The HTML embeds plotly.js once and every image as a base64
-data URI: it opens offline. Trials with the user attribute ``surplus`` (over the trial budget) are
-kept in the CSV and left out of every figure and summary.
+data URI: it opens offline. Surplus trials (user attribute ``surplus``: created over the trial
+budget, failed and never run) are kept in the CSV and left out of the page.
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ import plotly.graph_objects as go
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from optuna.artifacts import FileSystemArtifactStore
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from plotly.offline import get_plotlyjs
 
 import metrics
+from tune import budget
 from tune.dashboard import close_storage, open_storage
 
 log = logging.getLogger(__name__)
@@ -119,15 +121,13 @@ def write_report(
 
 
 def snapshot_study(storage: str | optuna.storages.BaseStorage, study_name: str) -> optuna.Study:
-    """An in-memory copy of a stored study (trials, metric names, user attrs)."""
+    """An in-memory copy of a stored study (trials with their numbers, directions, metric names)."""
     backend = open_storage(storage) if isinstance(storage, str) else storage
     try:
         source = optuna.load_study(study_name=study_name, storage=backend)
         copy = optuna.create_study(study_name=study_name, directions=source.directions)
         copy.add_trials(source.get_trials(deepcopy=False))
         copy_metric_names(source, copy)
-        for key, value in source.user_attrs.items():
-            copy.set_user_attr(key, value)
     finally:
         if isinstance(storage, str):
             close_storage(backend)
@@ -150,16 +150,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 
 
 def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """All trials except the surplus ones (over the trial budget)."""
-    return [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus", False)]
-
-
-def analysis_study(study: optuna.Study) -> optuna.Study:
-    """An in-memory copy of ``study`` without surplus trials, for the figures."""
-    copy = optuna.create_study(study_name=study.study_name, directions=study.directions)
-    copy.add_trials(counted_trials(study))
-    copy_metric_names(study, copy)
-    return copy
+    """All trials except the surplus ones (created over the trial budget, never run)."""
+    return [t for t in study.get_trials(deepcopy=False) if not budget.is_surplus(t)]
 
 
 def copy_metric_names(source: optuna.Study, target: optuna.Study) -> None:
@@ -179,7 +171,7 @@ def objectives(study: optuna.Study) -> list[Objective]:
 
 
 def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Complete trials, in trial order."""
+    """Complete trials, in trial order (surplus trials never run, so none is surplus)."""
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
@@ -311,14 +303,27 @@ def timing_table(trials: Sequence[FrozenTrial]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def rerun_as(trials: Sequence[FrozenTrial]) -> dict[int, int]:
+    """Failed trial number → the number of the trial that re-ran it (stale heartbeat, re-queued)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        histories = {t.number: RetryHeartbeatStaleTrialCallback.retry_history(t) for t in trials}
+    return {history[-1]: number for number, history in histories.items() if history}
+
+
 def failure_table(trials: Sequence[FrozenTrial]) -> pd.DataFrame:
-    """Failed trials and their recorded reasons."""
+    """Failed trials, their recorded reasons and the trial that re-ran each re-queued one."""
+    reruns = rerun_as(trials)
     rows = [
-        {"trial": t.number, "reason": t.user_attrs.get("fail_reason", "(not recorded)")}
+        {
+            "trial": t.number,
+            "reason": t.user_attrs.get("fail_reason", "(not recorded: worker lost?)"),
+            "re-run as": reruns.get(t.number),
+        }
         for t in trials
         if t.state == TrialState.FAIL
     ]
-    return pd.DataFrame(rows, columns=["trial", "reason"])
+    return pd.DataFrame(rows, columns=["trial", "reason", "re-run as"])
 
 
 # --- reconstructions ------------------------------------------------------------------------
@@ -536,35 +541,34 @@ def reconstructions_html(trials: Sequence[FrozenTrial], inputs: ReconInputs) -> 
 def render_report(study: optuna.Study, inputs: ReconInputs, now: datetime | None = None) -> str:
     """The whole HTML page of a study snapshot."""
     now = now or datetime.now()
-    analysed = analysis_study(study)
-    trials = analysed.get_trials(deepcopy=False)
+    trials = counted_trials(study)
     surplus = len(study.trials) - len(trials)
-    sections = [section_html("summary", "Summary", summary_html(analysed, trials, surplus, inputs.top_k))]
+    sections = [section_html("summary", "Summary", summary_html(study, trials, surplus, inputs.top_k))]
     timeline = timeline_figure(trials, now)
     timeline_body = figure_html(timeline) if timeline else note_html("No trial has started.")
-    if not complete_trials(analysed):
+    if not complete_trials(study):
         sections.insert(0, note_html("No trial has completed yet: there is nothing to plot or rank."))
         sections.append(section_html("timeline", "Worker timeline", timeline_body))
         return page_html(study.study_name, now, sections)
     vis = optuna.visualization
-    note = importance_note(analysed)
-    importances = note_html(note) if note else figures_html(lambda: importance_figures(analysed))
-    note = intermediate_note(analysed)
+    note = importance_note(study)
+    importances = note_html(note) if note else figures_html(lambda: importance_figures(study))
+    note = intermediate_note(study)
     intermediate = note_html(note) if note else figures_html(
-        lambda: [("Intermediate values", vis.plot_intermediate_values(analysed))]
+        lambda: [("Intermediate values", vis.plot_intermediate_values(study))]
     )
     sections += [
         section_html("history", "Optimisation history", figures_html(
-            lambda: per_objective(analysed, vis.plot_optimization_history, "History"))),
+            lambda: per_objective(study, vis.plot_optimization_history, "History"))),
         section_html("importances", "Parameter importances", importances),
         section_html("parallel", "Parallel coordinates", figures_html(
-            lambda: per_objective(analysed, vis.plot_parallel_coordinate, "Parallel coordinates"))),
+            lambda: per_objective(study, vis.plot_parallel_coordinate, "Parallel coordinates"))),
         section_html("slices", "Slices", figures_html(
-            lambda: per_objective(analysed, vis.plot_slice, "Slices"))),
+            lambda: per_objective(study, vis.plot_slice, "Slices"))),
         section_html("intermediate", "Intermediate values", intermediate),
         section_html("timeline", "Worker timeline", timeline_body),
         section_html("reconstructions", f"Best {inputs.top_k} reconstructions",
-                     reconstructions_html(ranked_trials(analysed, inputs.top_k), inputs)),
+                     reconstructions_html(ranked_trials(study, inputs.top_k), inputs)),
     ]
     return page_html(study.study_name, now, sections)
 
