@@ -9,15 +9,15 @@ budget, failed and never run) are kept in the CSV and left out of the page.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
-import io
 import json
 import logging
 import math
 import statistics
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +27,6 @@ import optuna
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -35,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.offline import get_plotlyjs
 
 import metrics
+from metrics.figure import save_score_figure
 from tune import budget
 from tune.dashboard import close_storage, open_storage
 
@@ -48,8 +48,9 @@ STATE_COLOURS = {
     "WAITING": "#7f7f7f",
 }
 TIMING_ATTRS = ("compile_s", "run_s", "score_s")
-CAPTION_METRICS = ("nrmse", "ssim", "frc_resolution_A", "frc_area")
-IMAGE_ARTIFACTS = ("phase_png", "frc_png")
+CAPTION_METRICS = ("nrmse", "ssim", "frc_resolution_half_bit_A", "frc_resolution_A", "frc_area")
+CSV_ATTRS = ("number", "state", "value", "datetime_start", "datetime_complete", "duration", "params", "user_attrs")
+IMAGE_ARTIFACTS = ("score_png", "phase_png", "frc_png")
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ def snapshot_study(storage: str | optuna.storages.BaseStorage, study_name: str) 
     backend = open_storage(storage) if isinstance(storage, str) else storage
     try:
         source = optuna.load_study(study_name=study_name, storage=backend)
-        copy = optuna.create_study(study_name=study_name, directions=source.directions)
+        with quiet_optuna():
+            copy = optuna.create_study(study_name=study_name, directions=source.directions)
         copy.add_trials(source.get_trials(deepcopy=False))
         copy_metric_names(source, copy)
     finally:
@@ -135,8 +137,8 @@ def snapshot_study(storage: str | optuna.storages.BaseStorage, study_name: str) 
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """``study.trials_dataframe()`` with dict user attrs flattened and lists as JSON text."""
-    frame = study.trials_dataframe(multi_index=False)
+    """``study.trials_dataframe()`` without system attrs, dict user attrs flattened, lists as JSON text."""
+    frame = study.trials_dataframe(attrs=CSV_ATTRS, multi_index=False)
     for column in [c for c in frame.columns if c.startswith("user_attrs_")]:
         values = frame[column]
         if values.map(lambda v: isinstance(v, dict)).any():
@@ -152,6 +154,17 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
     """All trials except the surplus ones (created over the trial budget, never run)."""
     return [t for t in study.get_trials(deepcopy=False) if not budget.is_surplus(t)]
+
+
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Silence Optuna's info messages (e.g. "A new study created in memory") for a moment."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def copy_metric_names(source: optuna.Study, target: optuna.Study) -> None:
@@ -363,7 +376,7 @@ def result_file(trial: FrozenTrial, store: FileSystemArtifactStore | None, base_
 
 
 def artifact_images(trial: FrozenTrial, store: FileSystemArtifactStore | None) -> tuple[bytes, ...]:
-    """The trial's ``phase_png`` and ``frc_png`` artifacts, as far as the store holds them."""
+    """The image artifacts the worker stored (``score_png``, ``phase_png``, ``frc_png``) that the store holds."""
     ids = trial.user_attrs.get("artifacts", {})
     if store is None:
         return ()
@@ -375,60 +388,19 @@ def artifact_images(trial: FrozenTrial, store: FileSystemArtifactStore | None) -
     return tuple(images)
 
 
-def figure_png(fig: Figure) -> bytes:
-    """A matplotlib figure as PNG bytes."""
-    buffer = io.BytesIO()
-    FigureCanvasAgg(fig)
-    fig.savefig(buffer, format="png", dpi=90)
-    return buffer.getvalue()
-
-
-def pixel_extent(
-    shape: tuple[int, ...], dx_A: float, origin_yx_A: tuple[float, float]
-) -> tuple[float, float, float, float]:
-    """imshow extent (left, right, bottom, top) in Å of an image whose pixel [0, 0] centre is at the origin."""
-    (oy, ox), half = origin_yx_A, 0.5 * dx_A
-    return (ox - half, ox + (shape[1] - 0.5) * dx_A, oy + (shape[0] - 0.5) * dx_A, oy - half)
-
-
-def comparison_png(report: metrics.ScoreReport, title: str) -> bytes:
-    """Ground truth, aligned reconstruction (same colour scale) and the FRC curve."""
-    truth, aligned = report.alignment.truth, report.alignment.aligned
-    origin = (report.region.y0 * report.dx_A, report.region.x0 * report.dx_A)
-    extent = pixel_extent(truth.shape, report.dx_A, origin)
-    limits = {"vmin": float(truth.min()), "vmax": float(truth.max()), "cmap": "gray", "extent": extent}
-    fig = Figure(figsize=(12, 3.6), layout="constrained")
-    ax_truth, ax_recon, ax_frc = fig.subplots(1, 3)
-    ax_truth.imshow(truth, **limits)
-    ax_truth.set_title("ground truth")
-    image = ax_recon.imshow(aligned, **limits)
-    ax_recon.set_title("reconstruction, aligned")
-    fig.colorbar(image, ax=[ax_truth, ax_recon], label="phase (rad)", shrink=0.9)
-    for ax in (ax_truth, ax_recon):
-        ax.set_xlabel("x (Å)")
-    ax_truth.set_ylabel("y (Å)")
-    curve, kept = report.frc, report.frc.kept
-    ax_frc.plot(curve.q_invA[kept], curve.frc[kept], label="FRC")
-    ax_frc.plot(curve.q_invA[kept], curve.threshold("half_bit")[kept], "--", label="½-bit threshold")
-    ax_frc.set_ylim(min(-0.1, float(curve.frc[kept].min(initial=0.0)) - 0.05), 1.05)
-    ax_frc.set_xlabel("q (1/Å)")
-    ax_frc.set_title(f"FRC: {curve.resolution_A():.3g} Å at ½ bit ({curve.window} window)")
-    ax_frc.legend(loc="upper right")
-    fig.suptitle(title)
-    return figure_png(fig)
-
-
-def phase_png(result: Path, title: str) -> bytes:
-    """The reconstruction's phase (summed over slices), for studies without ground truth."""
-    rec = metrics.load_reconstruction(result)
-    phase = rec.phase_yx
+def save_phase_png(path: Path, rec: metrics.Reconstruction, title: str) -> None:
+    """The phase summed over slices on its Å axes (no ground truth). Like tune.objective's phase
+    figure, drawn here so that the report does not import the JAX engine."""
+    phase, dx = rec.phase_yx, rec.dx_A
+    (y0, x0), (ny, nx) = rec.origin_yx_A, phase.shape
     fig = Figure(figsize=(4.5, 4), layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(phase, cmap="gray", extent=pixel_extent(phase.shape, rec.dx_A, rec.origin_yx_A))
-    fig.colorbar(image, ax=ax, fraction=0.046, label="phase (rad)")
+    extent = (x0 - dx / 2, x0 + (nx - 0.5) * dx, y0 + (ny - 0.5) * dx, y0 - dx / 2)
+    fig.colorbar(ax.imshow(phase, cmap="gray", extent=extent), ax=ax, fraction=0.046, label="phase (rad)")
     ax.set_xlabel("x (Å)")
+    ax.set_ylabel("y (Å)")
     ax.set_title(title)
-    return figure_png(fig)
+    fig.savefig(path, dpi=90)
 
 
 def make_scorer(ground_truth: Path, options: Mapping[str, Any]) -> metrics.Scorer:
@@ -443,17 +415,22 @@ def trial_panel(
 ) -> ReconPanel:
     """The images of one trial: drawn from its result file, else its stored artifact images."""
     caption = trial_caption(trial)
+    png = scratch / f"trial{trial.number}.png"
     try:
         result = result_file(trial, store, base_dir, scratch)
         if result is not None and scorer is not None:
-            return ReconPanel(trial.number, caption, (comparison_png(scorer.report(result), caption),))
+            save_score_figure(png, scorer.report(result), title=caption)
+            return ReconPanel(trial.number, caption, (png.read_bytes(),))
         if result is not None:
-            return ReconPanel(trial.number, caption, (phase_png(result, caption),))
+            save_phase_png(png, metrics.load_reconstruction(result), f"trial {trial.number}")
+            return ReconPanel(trial.number, caption, (png.read_bytes(),))
         images = artifact_images(trial, store)
     except (OSError, KeyError, metrics.ScoringError) as error:
         return ReconPanel(trial.number, caption, note=f"Could not draw trial {trial.number}: {error}")
     if images:
         return ReconPanel(trial.number, f"{caption} (images stored by the worker)", images)
+    if store is None and trial.user_attrs.get("artifacts"):
+        return ReconPanel(trial.number, caption, note="Its images are in the artifact store, which was not given.")
     return ReconPanel(trial.number, caption, note=f"Trial {trial.number} kept no result file and no images.")
 
 
