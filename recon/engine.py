@@ -303,9 +303,7 @@ def _loss(params, static, settings, data, drv, idx, weights):
                                        settings["noise_eps"], data["mean_total"], data["mean_pixel"])
     data_term = jnp.sum(per_pattern * weights) / jnp.sum(weights)
     obj, phase = transmission(params, static)
-    regs = regularizers.regularizer_values(obj, phase, params["probe"] / static.n_px,
-                                           settings["regularizers"]["tv_eps"])
-    return data_term + regularizers.weighted_sum(regs, settings["regularizers"]), data_term
+    return data_term + regularizers.penalty(obj, phase, params["probe"] / static.n_px, settings["regularizers"]), data_term
 
 
 def _batches(key, static: StaticConfig):

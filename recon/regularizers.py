@@ -5,6 +5,7 @@ pixels so weights do not depend on the object size.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 REGULARIZERS = ("object_l1", "object_l2", "object_tikhonov", "object_tv", "phase_l1",
@@ -58,23 +59,35 @@ def layer_tv(obj, phase, tv_eps):
 
 def probe_l2(probe_modes):
     """Mean |P|² of the (normalised) probe modes."""
-    return jnp.mean(jnp.abs(probe_modes) ** 2)
+    return jnp.mean(jnp.real(probe_modes) ** 2 + jnp.imag(probe_modes) ** 2)
+
+
+def _terms(obj, phase, probe_modes, tv_eps) -> dict:
+    """Each regulariser as a thunk, so it is only evaluated when needed."""
+    return {
+        "object_l1": lambda: object_l1(obj, phase),
+        "object_l2": lambda: object_l2(obj, phase),
+        "object_tikhonov": lambda: object_tikhonov(obj, phase),
+        "object_tv": lambda: object_tv(obj, phase, tv_eps),
+        "phase_l1": lambda: phase_l1(obj, phase),
+        "layer_tikhonov": lambda: layer_tikhonov(obj, phase),
+        "layer_tv": lambda: layer_tv(obj, phase, tv_eps),
+        "probe_l2": lambda: probe_l2(probe_modes),
+    }
 
 
 def regularizer_values(obj, phase, probe_modes, tv_eps) -> dict:
     """Every regulariser's unweighted value."""
-    return {
-        "object_l1": object_l1(obj, phase),
-        "object_l2": object_l2(obj, phase),
-        "object_tikhonov": object_tikhonov(obj, phase),
-        "object_tv": object_tv(obj, phase, tv_eps),
-        "phase_l1": phase_l1(obj, phase),
-        "layer_tikhonov": layer_tikhonov(obj, phase),
-        "layer_tv": layer_tv(obj, phase, tv_eps),
-        "probe_l2": probe_l2(probe_modes),
-    }
+    return {name: term() for name, term in _terms(obj, phase, probe_modes, tv_eps).items()}
 
 
 def weighted_sum(values: dict, weights: dict):
     """Σ weight × value over the regularisers."""
     return sum(weights[name] * values[name] for name in REGULARIZERS)
+
+
+def penalty(obj, phase, probe_modes, weights: dict):
+    """Σ weight × regulariser, skipping (at run time, without recompiling) terms of weight 0."""
+    terms = _terms(obj, phase, probe_modes, weights["tv_eps"])
+    return sum(jax.lax.cond(weights[name] > 0, lambda t=terms[name], w=weights[name]: w * t(),
+                            lambda: jnp.zeros((), jnp.float32)) for name in REGULARIZERS)
