@@ -146,7 +146,7 @@ class ObjectSpec(_Frozen):
 
 
 class NoiseModel(_Frozen):
-    name: Literal["amplitude", "anscombe", "poisson", "intensity"] = "amplitude"
+    name: Literal["amplitude", "anscombe", "poisson", "intensity"] = "poisson"
     eps: float = Field(1.0e-6, gt=0, description="guard added inside sqrt / log")
 
 
