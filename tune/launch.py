@@ -1,0 +1,146 @@
+"""`tune start`: create the study, run one worker process per device, show progress, write the report.
+
+Workers are fresh Python processes (`python -m tune worker ...`), never forks of a process that
+has initialised JAX. Each gets `CUDA_VISIBLE_DEVICES` for its GPU; where several workers share a
+GPU, JAX's memory preallocation is turned off for them. Their output goes to
+`<output.dir>/logs/worker-<i>.log`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from tune import budget
+from tune.progress import progress_line
+from tune.storage import create_or_load, open_storage
+from tune.study import StudyConfig, check_data
+from tune.worker import ensure_data
+
+PROGRESS_POLL_S = 2.0
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    index: int
+    device: str | None  # a GPU id for CUDA_VISIBLE_DEVICES, or None for the default device (CPU)
+    shares_device: bool
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids on this machine: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def worker_slots(devices: list[str] | None, workers: int | None) -> list[WorkerSlot]:
+    """Assign workers to devices round-robin. Without GPUs, all workers use the CPU."""
+    devices = devices if devices is not None else visible_gpus()
+    n = workers or len(devices) or 1
+    assigned = [devices[i % len(devices)] if devices else None for i in range(n)]
+    per_device = Counter(assigned)
+    return [WorkerSlot(i, d, d is not None and per_device[d] > 1) for i, d in enumerate(assigned)]
+
+
+def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True) -> int:
+    """Run the study to its budget; returns the exit status."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _simulate_on_cpu(config)
+    check_data(config)
+    study = create_or_load(config, open_storage(config.storage_url))
+    logs = config.output_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"study {config.name}: {config.budget} trials, {len(slots)} workers "
+          f"({', '.join(s.device and f'GPU {s.device}' or 'CPU' for s in slots)}), storage {config.storage_url}", flush=True)
+    procs = [_spawn(config, slot, logs) for slot in slots]
+    try:
+        _watch(study, config, procs)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping workers (their running trials are failed and re-queued)", flush=True)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait()
+        return 130
+    codes = [p.returncode for p in procs]
+    print(progress_line(study, config), flush=True)
+    finished = _finished(study, config)
+    for slot, code in zip(slots, codes):
+        if code != 0:
+            print(f"warning: worker {slot.index} exited with status {code}; see {logs / f'worker-{slot.index}.log'}",
+                  file=sys.stderr)
+    if report:
+        print(f"report: {write_study_report(config)}", flush=True)
+    return 0 if finished or all(c == 0 for c in codes) else 1
+
+
+def _simulate_on_cpu(config: StudyConfig) -> None:
+    """Write a simulated dataset in this process, on the CPU, so it never holds GPU memory."""
+    if config.spec.data.simulate is not None and not config.data_path.is_file():
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+        print(f"simulating the dataset: {config.data_path}", flush=True)
+        ensure_data(config)
+
+
+def _spawn(config: StudyConfig, slot: WorkerSlot, logs: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "tune", "worker", str(config.file), "--index", str(slot.index),
+           "--storage", config.storage_url]
+    if slot.device is not None:
+        cmd += ["--device", slot.device]
+        env["CUDA_VISIBLE_DEVICES"] = slot.device
+        if slot.shares_device:
+            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    log = open(logs / f"worker-{slot.index}.log", "ab")  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    finally:
+        log.close()
+
+
+def _watch(study: optuna.Study, config: StudyConfig, procs: list[subprocess.Popen[bytes]]) -> None:
+    """Show progress until every worker has exited: one line updated in place on a terminal,
+    a new line whenever it changes otherwise."""
+    tty = sys.stdout.isatty()
+    last = ""
+    while any(p.poll() is None for p in procs):
+        line = progress_line(study, config)
+        if tty:
+            print("\r" + line[: shutil.get_terminal_size().columns - 1].ljust(len(last)), end="", flush=True)
+        elif line != last:
+            print(line, flush=True)
+        last = line
+        time.sleep(PROGRESS_POLL_S)
+    if tty:
+        print("\r" + " " * len(last) + "\r", end="", flush=True)
+
+
+def _finished(study: optuna.Study, config: StudyConfig) -> bool:
+    return budget.count(study.get_trials(deepcopy=False)).finished >= config.budget
+
+
+def write_study_report(config: StudyConfig, out_dir: Path | None = None) -> Path:
+    """Write the CSV and HTML report of the study (tune.report); returns the HTML file."""
+    from tune.report import write_report
+
+    truth = config.data_path if config.spec.data.ground_truth is not None else None
+    scoring = config.spec.objective.scoring
+    paths = write_report(config.storage_url, config.name, out_dir or config.output_dir / "report", ground_truth=truth,
+                         artifact_dir=config.artifact_dir, score_options={"roi": scoring.roi, "margin_A": scoring.margin_A})
+    return paths.html

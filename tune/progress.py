@@ -1,0 +1,75 @@
+"""Plain-text views of a study: the live progress line of `tune start` and `tune status`."""
+from __future__ import annotations
+
+from collections import Counter
+from statistics import mean
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tune import budget
+from tune.study import StudyConfig
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best trial (one metric) or the Pareto front (several); empty before any trial completes."""
+    try:
+        return study.best_trials
+    except ValueError:
+        return []
+
+
+def progress_line(study: optuna.Study, config: StudyConfig) -> str:
+    """One line: trials finished of the budget, by outcome, and the best so far."""
+    c = budget.count(study.get_trials(deepcopy=False))
+    line = (f"{c.finished}/{config.budget} trials: {c.complete} complete, {c.pruned} pruned, {c.failed} failed, "
+            f"{c.running} running" + (f", {c.waiting} queued" if c.waiting else ""))
+    return f"{line} | {best_text(study, config)}"
+
+
+def best_text(study: optuna.Study, config: StudyConfig) -> str:
+    best = best_trials(study)
+    metrics = config.spec.objective.metrics
+    if not best:
+        return "no complete trial yet"
+    if len(metrics) == 1:
+        return f"best {metrics[0]} {best[0].value:.4g} (trial {best[0].number})"
+    return f"{len(best)} trials on the Pareto front of {' vs '.join(metrics)}"
+
+
+def status_report(study: optuna.Study, config: StudyConfig) -> str:
+    """The text of `tune status`."""
+    trials = study.get_trials(deepcopy=False)
+    c = budget.count(trials)
+    lines = [
+        f"study    {config.name}",
+        f"budget   {c.finished} of {config.budget} trials finished: {c.complete} complete, {c.pruned} pruned, "
+        f"{c.failed} failed; {c.running} running, {c.waiting} queued",
+    ]
+    if c.requeued or c.surplus:
+        lines.append(f"         not counted: {c.requeued} re-queued after their worker stopped, {c.surplus} surplus")
+    for t in best_trials(study)[:5]:
+        values = ", ".join(f"{m} {v:.4g}" for m, v in zip(config.spec.objective.metrics, t.values))
+        lines.append(f"best     trial {t.number}: {values}")
+        lines.extend(f"           {name} = {value!r}" for name, value in t.params.items())
+    failures = Counter(t.user_attrs.get("fail_reason", "?").split(":")[0] for t in trials
+                       if t.state == TrialState.FAIL and not budget.is_surplus(t))
+    if failures:
+        lines.append("failures " + ", ".join(f"{n} {reason}" for reason, n in failures.most_common()))
+    lines.extend(_worker_lines(trials))
+    return "\n".join(lines)
+
+
+def _worker_lines(trials: list[FrozenTrial]) -> list[str]:
+    done = [t for t in trials if t.state.is_finished() and "worker" in t.user_attrs and not budget.is_surplus(t)]
+    by_worker: dict[str, list[FrozenTrial]] = {}
+    for t in done:
+        key = f"{t.user_attrs['worker']} ({t.user_attrs.get('host', '?')}, {t.user_attrs.get('device', '?')})"
+        by_worker.setdefault(key, []).append(t)
+    lines = []
+    for key, ts in sorted(by_worker.items()):
+        runs = [t.user_attrs["run_s"] for t in ts if t.user_attrs.get("run_s") is not None]
+        compiles = max((t.user_attrs.get("compile_count") or 0 for t in ts), default=0)
+        mean_run = f", {mean(runs):.1f} s per run" if runs else ""
+        lines.append(f"worker   {key}: {len(ts)} trials{mean_run}, {compiles} programs compiled")
+    return lines

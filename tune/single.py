@@ -1,0 +1,57 @@
+"""`tune recon`: one reconstruction from a plan file, with a progress bar."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from recon.plan import PlanError
+from tune.study import ScoringSpec
+
+
+def run_plan(path: Path, iterations: int | None = None, data: str | None = None, out: Path | None = None,
+             scoring: ScoringSpec | None = None, ground_truth: str = "ground_truth/phase_sum") -> int:
+    """Run the plan, save the result, print a summary (and scores); 0 on success, 1 if it diverged."""
+    import recon
+    from tqdm import tqdm
+
+    overrides: dict[str, Any] = {}
+    if iterations is not None:
+        overrides["iterations"] = iterations
+    if data is not None:
+        overrides.update({"data.path": str(Path(data).expanduser().resolve()), "data.simulate": None})
+    plan = recon.load_plan(path, overrides)
+    if plan.data.path is not None and not Path(plan.data.path).is_file():
+        raise PlanError(f"{path}: data.path: no such file: {plan.data.path}")
+    if scoring is not None and plan.data.path is None:
+        raise PlanError(f"{path}: --score needs data.path: a data file with a ground truth")
+    scorer = _scorer(plan.data.path, ground_truth, scoring, path) if scoring is not None else None
+    dataset = recon.load_dataset(plan.data)
+
+    with tqdm(total=plan.iterations, desc="recon", unit="it", dynamic_ncols=True) as bar:
+        def progress(p: Any) -> None:
+            bar.update(p.iteration - bar.n)
+            bar.set_postfix(loss=f"{p.loss:.4g}", refresh=False)
+
+        result = recon.reconstruct(plan, dataset=dataset, callback=progress)
+    target = result.save(out or Path(f"{path.stem}_result.h5"))
+    print(f"{result.iterations_done} iterations ({result.stop_reason}); compile {result.compile_s:.1f} s, "
+          f"run {result.run_s:.1f} s; final data loss {result.final_data_loss:.6g}; saved {target}")
+    if result.diverged:
+        print(f"warning: the reconstruction diverged: {result.stop_reason}")
+        return 1
+    if scorer is not None:
+        scores = {k: v for k, v in scorer.score(result).items() if isinstance(v, (int, float))}
+        print(json.dumps({k: v if math.isfinite(v) else None for k, v in scores.items()}, indent=2))
+    return 0
+
+
+def _scorer(data_path: str, key: str, scoring: ScoringSpec, plan_path: Path) -> Any:
+    import h5py
+    import metrics
+
+    with h5py.File(data_path, "r") as f:
+        if key not in f:
+            raise PlanError(f"{plan_path}: --ground-truth: no dataset {key!r} in {data_path}")
+    return metrics.Scorer(metrics.GroundTruth.from_h5(data_path, key=key), roi=scoring.roi, margin_A=scoring.margin_A)

@@ -1,0 +1,348 @@
+"""The study file: one YAML document that describes a whole tuning study.
+
+`load_study(path)` validates everything that can be checked without touching the storage or
+the data (schema, search paths against the plan schema, sampler and pruner options, objective)
+and returns a `StudyConfig`: the validated file plus everything derived from it.
+`check_data(config)` then checks the data file and its keys. Errors are `PlanError`s with one
+line naming the file, the key path and what is allowed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from recon.plan import DataSpec, Plan, PlanError, load_yaml
+
+Metric = Literal["nrmse", "mse", "frc_resolution_A", "frc_area", "ssim", "heldout_loss", "data_loss", "runtime_s"]
+Direction = Literal["minimize", "maximize"]
+Scalar = bool | int | float | str | None
+
+#: The direction each objective metric is optimised in unless the study file says otherwise.
+DEFAULT_DIRECTIONS: dict[str, Direction] = {
+    "nrmse": "minimize", "mse": "minimize", "frc_resolution_A": "minimize", "frc_area": "maximize",
+    "ssim": "maximize", "heldout_loss": "minimize", "data_loss": "minimize", "runtime_s": "minimize",
+}
+#: Metrics that need a ground-truth phase.
+GROUND_TRUTH_METRICS = frozenset({"nrmse", "mse", "frc_resolution_A", "frc_area", "ssim"})
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplerSpec(_Frozen):
+    """Which Optuna sampler proposes the settings; `options` are its keyword arguments."""
+
+    name: Literal["tpe", "gp", "cmaes", "random", "qmc", "grid", "nsga2"] = "tpe"
+    seed: int | None = Field(0, description="study seed; each worker's seed is derived from it and its index")
+    options: dict[str, Scalar | list[Scalar]] = {}
+
+
+class PrunerSpec(_Frozen):
+    """Which Optuna pruner stops unpromising trials early; `options` are its keyword arguments."""
+
+    name: Literal["none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon",
+                  "threshold", "patient"] = "median"
+    options: dict[str, Scalar] = {}
+    wrapped: PrunerSpec | None = Field(None, description="patient only: the pruner it wraps")
+
+
+class StudySection(_Frozen):
+    """Name, storage, budget and fault tolerance of the study."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    storage: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<study file stem>.db beside it")
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec | None = Field(None, description="default: median (one metric), none (several)")
+    n_trials: int = Field(ge=1, description="for the whole study, across all workers")
+    timeout_s: float | None = Field(None, gt=0, description="per worker: start no trial after this many seconds")
+    heartbeat_interval_s: int = Field(10, ge=1, description="seconds between a running trial's heartbeats")
+    grace_period_s: int | None = Field(None, ge=1, description="silence after which a trial counts as dead; default 3 heartbeats")
+    max_retries: int = Field(3, ge=0, description="re-runs of a trial whose worker died or was stopped")
+
+
+class StudyData(DataSpec):
+    """The plan's `data` section plus where the ground truth lives in the data file."""
+
+    ground_truth: str | None = Field("ground_truth/phase_sum", description="HDF5 dataset of the true phase; null: none")
+
+
+class SearchSpec(_Frozen):
+    """A range (`low`, `high`, optional `log` or `step`) or a list of `choices`."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    choices: tuple[Scalar, ...] | None = None
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> SearchSpec:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("choices is empty")
+            if len(set(map(repr, self.choices))) != len(self.choices):
+                raise ValueError("choices has duplicates")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give low and high (a range) or choices")
+        if not self.low < self.high:
+            raise ValueError(f"empty range: low ({self.low:g}) must be below high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low:g})")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined")
+        return self
+
+
+class ScoringSpec(_Frozen):
+    """Options of metrics.Scorer: region of interest and margin around the scanned field."""
+
+    roi: Literal["scan", "full"] = "scan"
+    margin_A: float = Field(0.0, ge=0)
+
+
+class ObjectiveSpec(_Frozen):
+    """What a trial returns: one or more metrics and their directions."""
+
+    metrics: tuple[Metric, ...] = Field(("nrmse",), min_length=1)
+    directions: tuple[Direction, ...] | None = Field(None, description="default: each metric's natural direction")
+    report_every: int = Field(2, ge=1, description="iterations between intermediate scores (pruning)")
+    scoring: ScoringSpec = ScoringSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ObjectiveSpec:
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError("metrics has duplicates")
+        if self.directions is not None and len(self.directions) != len(self.metrics):
+            raise ValueError(f"{len(self.directions)} directions for {len(self.metrics)} metrics")
+        return self
+
+
+class OutputSpec(_Frozen):
+    """Where results go: artifacts per trial and which result files are kept."""
+
+    dir: str | None = Field(None, description="default out/<study name> beside the study file")
+    artifacts: tuple[Literal["score_png", "phase_png", "result_h5"], ...] | None = Field(
+        None, description="per trial: score_png (phase, truth, difference, FRC), phase_png, result_h5; "
+                          "default score_png with a ground truth, else phase_png")
+    keep: Literal["best", "all", "none"] = Field("best", description="result files kept under <dir>/trials/")
+
+
+class StudyFile(_Frozen):
+    """The whole study file."""
+
+    study: StudySection
+    data: StudyData
+    recon: dict[str, Any] = Field({}, description="the base plan: every key a default for each trial")
+    search: dict[str, SearchSpec] = Field(min_length=1, description="dotted paths recon.<plan key> to ranges or choices")
+    objective: ObjectiveSpec = ObjectiveSpec()
+    output: OutputSpec = OutputSpec()
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A validated study file and what follows from it."""
+
+    file: Path
+    spec: StudyFile
+    storage_url: str
+    output_dir: Path
+    data_path: Path
+    base_plan: Plan
+    params: tuple[Any, ...]  # tune.space.SearchParam, in study-file order
+    directions: tuple[Direction, ...]
+    pruner: PrunerSpec
+    budget: int  # n_trials, or the grid's size if that is smaller
+
+    @property
+    def name(self) -> str:
+        return self.spec.study.name
+
+    @property
+    def artifact_dir(self) -> Path:
+        return self.output_dir / "artifacts"
+
+    @property
+    def artifacts(self) -> tuple[str, ...]:
+        chosen = self.spec.output.artifacts
+        if chosen is not None:
+            return chosen
+        return ("score_png",) if self.spec.data.ground_truth is not None else ("phase_png",)
+
+    @property
+    def grace_period_s(self) -> int:
+        s = self.spec.study
+        return s.grace_period_s or 3 * s.heartbeat_interval_s
+
+
+def load_study(path: str | Path, storage: str | None = None) -> StudyConfig:
+    """Read and validate a study file; `storage` overrides study.storage."""
+    from tune.space import grid, resolve_search  # imports optuna; keep `tune --help` fast
+    from tune.strategy import check_strategy
+
+    file = Path(path).resolve()
+    source = str(Path(path))
+    raw = load_yaml(file)
+    if not isinstance(raw, dict):
+        raise PlanError(f"{source}: expected a mapping with keys study, data, recon, search, objective, output")
+    try:
+        spec = StudyFile.model_validate(raw)
+    except ValidationError as err:
+        raise PlanError(describe_error(err, source, StudyFile)) from None
+    if "data" in spec.recon:
+        raise PlanError(f"{source}: recon.data: give the data at the top level (data:), not inside recon")
+
+    output_dir = _resolve(file.parent, spec.output.dir or f"out/{spec.study.name}")
+    data_path = simulated_data_path(output_dir, spec.data) if spec.data.simulate else _resolve(file.parent, spec.data.path)
+    base_raw = {**spec.recon, "data": plan_data(spec.data, data_path)}
+    try:
+        base_plan = Plan.model_validate(base_raw)
+    except ValidationError as err:
+        raise PlanError(describe_error(err, source, Plan, prefix="recon.")) from None
+
+    params = resolve_search(spec.search, base_raw, source)
+    directions = spec.objective.directions or tuple(DEFAULT_DIRECTIONS[m] for m in spec.objective.metrics)
+    pruner = _check_objective(spec, base_plan, source)
+    check_strategy(spec.study.sampler, pruner, params, source)
+    budget = spec.study.n_trials
+    if spec.study.sampler.name == "grid":
+        budget = min(budget, math.prod(len(values) for values in grid(params).values()))
+    return StudyConfig(
+        file=file, spec=spec, storage_url=storage_url(storage or spec.study.storage, file),
+        output_dir=output_dir, data_path=data_path, base_plan=base_plan, params=params,
+        directions=directions, pruner=pruner, budget=budget,
+    )
+
+
+def _check_objective(spec: StudyFile, base_plan: Plan, source: str) -> PrunerSpec:
+    """Cross-checks between objective, data and pruner; returns the pruner to use."""
+    metrics = spec.objective.metrics
+    needs_truth = sorted(GROUND_TRUTH_METRICS.intersection(metrics))
+    if needs_truth and spec.data.ground_truth is None:
+        raise PlanError(f"{source}: data.ground_truth: metrics {', '.join(needs_truth)} need a ground truth; "
+                        "without one use heldout_loss, data_loss or runtime_s")
+    if "heldout_loss" in metrics and base_plan.data.heldout_fraction <= 0:
+        raise PlanError(f"{source}: data.heldout_fraction: heldout_loss needs held-out positions (e.g. 0.1)")
+    if "score_png" in (spec.output.artifacts or ()) and spec.data.ground_truth is None:
+        raise PlanError(f"{source}: output.artifacts: score_png needs a ground truth; use phase_png")
+    pruner = spec.study.pruner
+    if len(metrics) > 1:
+        if pruner is not None and pruner.name != "none":
+            raise PlanError(f"{source}: study.pruner: pruning needs a single objective metric "
+                            f"(got {len(metrics)}); allowed here: {{name: none}}")
+        return PrunerSpec(name="none")
+    if pruner is None:
+        pruner = PrunerSpec(name="median")
+    if pruner.name != "none" and metrics[0] == "runtime_s":
+        raise PlanError(f"{source}: study.pruner: runtime_s has no intermediate values to prune on; use {{name: none}}")
+    return pruner
+
+
+def plan_data(data: StudyData, data_path: Path) -> dict[str, Any]:
+    """The plan's data section: the study's data with the (possibly simulated) file as its path."""
+    raw = data.model_dump(mode="json", exclude={"ground_truth", "simulate"}, exclude_defaults=True)
+    raw["path"] = str(data_path)
+    return raw
+
+
+def simulated_data_path(output_dir: Path, data: StudyData) -> Path:
+    """Where a simulated dataset is written: named by a hash of its specification,
+    so that editing `data.simulate` never reuses a stale file."""
+    assert data.simulate is not None
+    digest = hashlib.sha256(json.dumps(data.simulate.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    return output_dir / f"data-{digest[:12]}.h5"
+
+
+def storage_url(url: str | None, study_file: Path) -> str:
+    """The storage URL; SQLite paths resolve against the study file's folder."""
+    if url is None:
+        return f"sqlite:///{study_file.with_suffix('.db')}"
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and url != prefix + ":memory:":
+        return prefix + str(_resolve(study_file.parent, url[len(prefix):]))
+    return url
+
+
+def _resolve(base: Path, value: str | None) -> Path:
+    assert value is not None
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def check_data(config: StudyConfig) -> None:
+    """Check that the data file and every dataset the study names exist (simulated data: nothing to check)."""
+    data = config.spec.data
+    if data.simulate is not None:
+        return
+    import h5py
+
+    path = config.data_path
+    if not path.is_file():
+        raise PlanError(f"{config.file}: data.path: no such file: {path}")
+    if path.suffix == ".npy":
+        if data.ground_truth is not None and GROUND_TRUTH_METRICS.intersection(config.spec.objective.metrics):
+            raise PlanError(f"{config.file}: data.ground_truth: a .npy data file has no ground truth; set it to null")
+        return
+    keys = {"data.patterns": data.patterns}
+    if data.positions and not data.positions.endswith(".npy"):
+        keys["data.positions"] = data.positions
+    if data.ground_truth is not None:
+        keys["data.ground_truth"] = data.ground_truth
+    try:
+        with h5py.File(path, "r") as f:
+            for key, value in keys.items():
+                if value not in f:
+                    raise PlanError(f"{config.file}: {key}: no dataset {value!r} in {path}")
+    except OSError as err:
+        raise PlanError(f"{config.file}: data.path: cannot read {path} as HDF5 ({err})") from None
+
+
+# --------------------------------------------------------------------------- error messages
+def describe_error(err: ValidationError, source: str, model: type[BaseModel], prefix: str = "") -> str:
+    """One line naming the file, the key path, what was wrong and what is allowed."""
+    e = err.errors()[0]
+    loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
+    key = prefix + ".".join(loc)
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        allowed = _fields_at(model, loc[:-1])
+        msg = "unknown key" + (f"; allowed keys: {', '.join(allowed)}" if allowed else "")
+    elif e["type"] == "missing":
+        msg = "required key is missing"
+    elif e["type"] == "literal_error":
+        msg = msg.replace("Input should be", "allowed values are")
+    got = e.get("input")
+    shown = got is not None and not isinstance(got, (dict, list)) and len(repr(got)) < 60 and e["type"] != "missing"
+    return f"{source}: {key or '(top level)'}: {msg}" + (f" (got {got!r})" if shown else "")
+
+
+def _fields_at(model: Any, loc: list[str]) -> list[str]:
+    """Field names of the model found by walking `loc` (dict entries are skipped)."""
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return []
+        if part not in fields:  # a key of a dict field, e.g. a search path
+            continue
+        model = _model_in(fields[part].annotation)
+    return list(getattr(model, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model inside an annotation such as `X | None` or `dict[str, X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

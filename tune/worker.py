@@ -1,0 +1,141 @@
+"""A worker process: runs trials of one study until the study-wide budget is used.
+
+Any number of workers, on any machines that reach the storage, may run at once (`tune start`
+spawns them; `tune worker` joins by hand or from a Slurm job). A worker
+
+* builds its sampler (own seed) and the pruner from the study file;
+* runs trials with `study.optimize` and heartbeats, so a worker killed outright leaves a trial
+  that is failed after the grace period and re-queued with the same parameters;
+* stops asking for trials when the budget is used, but before it exits waits until no trial is
+  RUNNING any more, failing stale ones (`fail_stale_trials`) and running their re-queued copies;
+* on SIGTERM or Ctrl-C fails its running trial, re-queues it for another worker and exits
+  (exit status 143 or 130).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from types import FrameType
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import FrozenTrial, TrialState
+
+from tune import budget
+from tune.objective import Objective, TrialFailed, WorkerInfo, keep_best_results
+from tune.storage import create_or_load, open_storage
+from tune.strategy import build_pruner, build_sampler
+from tune.study import StudyConfig, check_data
+
+#: Seconds between looks at the storage while waiting for other workers' trials to end.
+WAIT_POLL_S = 1.0
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)  # the clean-up below must not be interrupted again
+    raise Interrupted(signum)
+
+
+def ensure_data(config: StudyConfig) -> None:
+    """Write the simulated dataset of the study if it does not exist yet. Several processes may
+    race here: each writes its own temporary file and the first rename wins, so the file is
+    always complete."""
+    spec = config.spec.data.simulate
+    path = config.data_path
+    if spec is None or path.is_file():
+        return
+    from recon.simulate import write_dataset
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.h5")
+    try:
+        write_dataset(spec, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_worker(config: StudyConfig, index: int | None, device: str,
+               log: Callable[[str], None] = lambda line: print(line, flush=True)) -> int:
+    """Run trials until the budget is used; returns the exit status (0, or 130/143 if stopped)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _raise_interrupted)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    name = f"worker {index}" if index is not None else f"worker pid {os.getpid()}"
+    study: optuna.Study | None = None
+    objective: Objective | None = None
+    try:
+        ensure_data(config)
+        check_data(config)
+        s = config.spec.study
+        storage = open_storage(config.storage_url, s.heartbeat_interval_s, config.grace_period_s, s.max_retries)
+        study = create_or_load(config, storage, build_sampler(s.sampler, config.params, index), build_pruner(config.pruner))
+        objective = Objective(config, WorkerInfo.here(index, device), config.budget)
+        log(f"{name}: joined study {config.name} on {device}")
+        _work(study, objective, config, lambda t: log(f"{name}: {describe_trial(t)}"))
+    except Interrupted as stop:
+        _requeue_interrupted(study, objective, config.spec.study.max_retries)
+        log(f"{name}: stopped by {stop}")
+        return 128 + stop.signum
+    log(f"{name}: done")
+    return 0
+
+
+def _work(study: optuna.Study, objective: Objective, config: StudyConfig, report: Callable[[FrozenTrial], None]) -> None:
+    deadline = time.monotonic() + (config.spec.study.timeout_s or float("inf"))
+
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        if not budget.is_surplus(trial):
+            report(trial)
+        if config.spec.output.keep == "best" and trial.state == TrialState.COMPLETE:
+            keep_best_results(study, config.output_dir)
+        if budget.count(study.get_trials(deepcopy=False)).used >= config.budget:
+            study.stop()
+
+    while time.monotonic() < deadline:
+        fail_stale_trials(study)
+        counts = budget.count(study.get_trials(deepcopy=False))
+        if counts.used < config.budget or counts.waiting:
+            study.optimize(objective, callbacks=[after_trial], catch=(TrialFailed,), gc_after_trial=False,
+                           timeout=None if deadline == float("inf") else max(deadline - time.monotonic(), 0.0))
+        elif counts.running:
+            time.sleep(WAIT_POLL_S)  # other workers' trials may still die and be re-queued
+        else:
+            return
+
+
+def _requeue_interrupted(study: optuna.Study | None, objective: Objective | None, max_retries: int) -> None:
+    """Queue the trial this worker was running when it was stopped, with the same parameters."""
+    if study is None or objective is None or objective.current is None:
+        return
+    number = objective.current.number
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is not None and trial.state == TrialState.FAIL and not budget.is_surplus(trial):
+        RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(study, trial)
+
+
+def describe_trial(t: FrozenTrial) -> str:
+    """One line about a finished trial."""
+    state = t.state.name.lower()
+    if t.state == TrialState.COMPLETE:
+        detail = " ".join(f"{v:.4g}" for v in t.values)
+    elif t.state == TrialState.PRUNED:
+        detail = f"at iteration {t.user_attrs.get('pruned_at')}"
+    else:
+        detail = t.user_attrs.get("fail_reason", "")
+    timing = ""
+    if "run_s" in t.user_attrs:
+        timing = f" (run {t.user_attrs['run_s'] or 0:.1f} s, compile {t.user_attrs.get('compile_s') or 0:.1f} s)"
+    return f"trial {t.number} {state} {detail}{timing}".rstrip()
+
