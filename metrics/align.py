@@ -9,7 +9,6 @@ import numpy as np
 from scipy import ndimage
 from skimage.registration import phase_cross_correlation
 
-from .errors import ScoringError
 
 
 def resample_lattice(phase_yx: np.ndarray, dx_A: float, target_dx_A: float) -> np.ndarray:

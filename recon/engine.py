@@ -336,7 +336,7 @@ def make_iteration(static: StaticConfig) -> Callable:
                 sub_grads = {k: grads[k] for k in keys}
                 updates, state_g = _direction(static, settings, g).update(sub_grads, opt[g], {k: params[k] for k in keys})
                 on = it >= settings["optimizers"][g]["start_iteration"]
-                new_opt[g] = jax.tree_util.tree_map(lambda a, b: jnp.where(on, a, b), state_g, opt[g])
+                new_opt[g] = jax.tree_util.tree_map(lambda a, b, on=on: jnp.where(on, a, b), state_g, opt[g])
                 for k in keys:
                     new_params[k] = params[k] - rates[g] * updates[k].astype(params[k].dtype)
             return (new_params, new_opt), data_term
