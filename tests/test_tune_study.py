@@ -167,7 +167,8 @@ def test_storage_urls_resolve_beside_the_study_file(tmp_path):
     assert storage_url(None, study) == f"sqlite:///{tmp_path / 'sub' / 'x.db'}"
     assert storage_url("sqlite:///../y.db", study) == f"sqlite:///{tmp_path / 'y.db'}"
     assert storage_url("sqlite:////abs/z.db", study) == "sqlite:////abs/z.db"
-    assert storage_url("postgresql://u@h/db", study) == "postgresql://u@h/db"
+    assert storage_url("postgresql+psycopg2://u@h/db", study) == "postgresql+psycopg2://u@h/db"
+    assert storage_url("postgresql://u@h/db", study).endswith("://u@h/db")  # with a driver that is installed
 
 
 @pytest.mark.parametrize("name", ["tpe", "cmaes", "random", "qmc", "nsga2", "grid", "gp"])

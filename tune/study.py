@@ -9,6 +9,7 @@ line naming the file, the key path and what is allowed.
 from __future__ import annotations
 
 import hashlib
+from importlib.util import find_spec
 import json
 import math
 from dataclasses import dataclass
@@ -269,6 +270,9 @@ def storage_url(url: str | None, study_file: Path) -> str:
     prefix = "sqlite:///"
     if url.startswith(prefix) and url != prefix + ":memory:":
         return prefix + str(_resolve(study_file.parent, url[len(prefix):]))
+    plain_pg = "postgresql://"
+    if url.startswith(plain_pg) and find_spec("psycopg") is None and find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len(plain_pg):]  # SQLAlchemy 2.1's default driver is psycopg 3
     return url
 
 

@@ -1,0 +1,100 @@
+"""Several workers on one study in a real PostgreSQL server (the several-machines set-up).
+
+The test starts its own server in a temporary folder (initdb + pg_ctl, as an unprivileged user
+when run as root, on a free loopback port) and stops it afterwards. It is skipped only when no
+PostgreSQL server binaries exist; .ci/run installs Debian's postgresql so CI always runs it.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tune import budget
+from tune.study import storage_url
+
+pytestmark = pytest.mark.postgres
+
+
+def server_binaries() -> Path | None:
+    initdb = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[::-1]), None)
+    return Path(initdb).resolve().parent if initdb else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    bin_dir = server_binaries()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
+    pytest.importorskip("psycopg2", reason="the PostgreSQL test needs psycopg2 (pip install -e '.[test]')")
+    root = Path(tempfile.mkdtemp(prefix="ptytune-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        user = "postgres" if _user_exists("postgres") else "nobody"
+        entry = pwd.getpwnam(user)
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+        as_user = ["runuser", "-u", user, "--"]
+    data, port = root / "data", free_port()
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "tune", "--auth=trust",
+                    "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=120)
+    subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w",
+                    "-o", f"-p {port} -k {root} -h 127.0.0.1 -F", "start"], check=True, capture_output=True, timeout=120)
+    try:
+        yield f"postgresql://tune@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def test_workers_share_a_postgresql_study(tmp_path, tiny_data_path, postgres_url):
+    study = tmp_path / "pg.yml"
+    study.write_text(
+        "study: {name: pg, n_trials: 9, sampler: {name: tpe, seed: 0}, pruner: {name: none},"
+        " heartbeat_interval_s: 1, grace_period_s: 3}\n"
+        f"data: {{path: {tiny_data_path}, patterns: dp}}\n"
+        "recon: {iterations: 4, batch_size: 16}\n"
+        "search: {recon.probe.defocus_A: {low: -150, high: -50}}\n")
+    command = [sys.executable, "-m", "tune"]
+    # two workers from `tune start` and one joining from "another node" at the same moment
+    joiner = subprocess.Popen([*command, "worker", str(study), "--index", "7", "--storage", postgres_url],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    start = subprocess.run([*command, "start", str(study), "--workers", "2", "--storage", postgres_url, "--no-report"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    joined, _ = joiner.communicate(timeout=300)
+    assert start.returncode == 0, start.stdout + start.stderr
+    assert joiner.returncode == 0, joined
+    assert not (tmp_path / "pg.db").exists()  # nothing went to the default SQLite file
+
+    trials = optuna.load_study(study_name="pg", storage=storage_url(postgres_url, study)).get_trials()
+    counts = budget.count(trials)
+    assert counts.complete == 9 and counts.failed == 0 and counts.running == 0 and counts.finished == 9
+    assert {t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE} <= {0, 1, 7}
+    status = subprocess.run([*command, "status", str(study), "--storage", postgres_url], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "9 of 9 trials finished" in status.stdout
