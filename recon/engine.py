@@ -42,6 +42,13 @@ class StaticConfig:
     noise_model: str
     parameterization: str
     optimizers: tuple[str, str, str]
+    aperture_supersample: int = 3
+    object_supersample: int = 1
+
+    @property
+    def window_px(self) -> int:
+        """Probe window on the object grid: the detector size × object supersampling."""
+        return self.n_px * self.object_supersample
 
 
 OPTIMIZED = ("object", "probe", "positions")
@@ -208,7 +215,7 @@ def scan_positions(positions_A, settings, data):
 
 def derive(settings, data, static: StaticConfig) -> dict:
     """Quantities computed from traced settings once per program call."""
-    n = static.n_px
+    n = static.window_px
     dx = 1.0 / (n * settings["dk_invA"])
     lam = physics.wavelength_A(settings["energy_eV"])
     ny, nx = static.object_shape
@@ -222,7 +229,7 @@ def derive(settings, data, static: StaticConfig) -> dict:
         "heldout_positions_A": scan_positions(data["heldout_positions_A"], settings, data),
         # probe parameters are stored in units of √(mean pixel intensity)
         "probe_unit": jnp.sqrt(data["mean_pixel"]),
-        "probe_power": jnp.asarray(float(n * n), jnp.float32),
+        "probe_power": jnp.asarray(float(static.n_px**2), jnp.float32),
     }
 
 
@@ -272,8 +279,8 @@ def make_init(static: StaticConfig) -> Callable:
         amp = jnp.full(shape, settings["init_amplitude"], jnp.float32)
         phase = jnp.full(shape, settings["init_phase_rad"], jnp.float32)
         psi0 = physics.probe_from_aberrations(
-            static.n_px, settings["dk_invA"], settings["energy_eV"], settings["semiangle_mrad"],
-            settings["defocus_A"], settings["aberrations"], settings["aperture_edge_px"])
+            static.window_px, settings["dk_invA"], settings["energy_eV"], settings["semiangle_mrad"],
+            settings["defocus_A"], settings["aberrations"], settings["aperture_edge_px"], static.aperture_supersample)
         probe = physics.mixed_state_probe(psi0, static.modes, settings["main_mode_fraction"]) * static.n_px
         params = _from_amp_phase({"amp": amp, "phase": phase, "probe": probe,
                                   "offsets": jnp.zeros((static.n_fit, 2), jnp.float32)}, static)
@@ -293,7 +300,8 @@ def _direction(static, settings, group):
 def _model_intensities(params, static, drv, positions):
     obj, _ = transmission(params, static)
     probe = params["probe"] * drv["probe_unit"]
-    return forward.predict_intensities(obj, probe, positions, drv["origin_yx_A"], drv["dx_A"], drv["propagator"])
+    return forward.predict_intensities(obj, probe, positions, drv["origin_yx_A"], drv["dx_A"], drv["propagator"],
+                                       static.n_px)
 
 
 def _loss(params, static, settings, data, drv, idx, weights):

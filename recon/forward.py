@@ -88,12 +88,27 @@ def farfield_intensity(exit_wave):
     return jnp.sum(abs2(jnp.fft.fft2(exit_wave, norm="ortho")), axis=1)
 
 
-def predict_intensities(transmission, probe_modes, positions_yx_A, origin_yx_A, dx_A, propagator):
-    """Far-field intensities (B, N, N) of probe modes at positions on a (S, Y, X) transmission."""
+def crop_farfield(intensity, detector_px: int):
+    """Keep the detector_px × detector_px lowest frequencies (zero frequency stays at [0, 0])."""
+    w = intensity.shape[-1]
+    if w == detector_px:
+        return intensity
+    idx = np.r_[0:(detector_px + 1) // 2, w - detector_px // 2:w]
+    return intensity[..., idx, :][..., :, idx]
+
+
+def predict_intensities(transmission, probe_modes, positions_yx_A, origin_yx_A, dx_A, propagator,
+                        detector_px: int | None = None):
+    """Far-field intensities (B, N, N) of probe modes at positions on a (S, Y, X) transmission.
+
+    With an object grid finer than 1/(N dk) (supersampling), probe windows are larger than the
+    detector and the far field is cropped to its central `detector_px` pixels.
+    """
     n_px = probe_modes.shape[-1]
     top_left, frac = window_offsets(positions_yx_A, origin_yx_A, dx_A, n_px)
     windows = extract_windows(transmission, top_left, n_px)
-    return farfield_intensity(exit_waves(shifted_probes(probe_modes, frac), windows, propagator))
+    intensity = farfield_intensity(exit_waves(shifted_probes(probe_modes, frac), windows, propagator))
+    return crop_farfield(intensity, detector_px or n_px)
 
 
 def predict_patterns(transmission, probe_modes, positions_yx_A, origin_yx_A, dx_A, energy_eV,

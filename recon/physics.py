@@ -63,20 +63,35 @@ def aperture(k_invA, cutoff_invA, edge_invA):
     return jnp.where(edge_invA > 0, soft, hard)
 
 
+def pixel_integrated_aperture(n_px: int, dk_invA, cutoff_invA, edge_invA, supersample: int):
+    """Aperture amplitude √(mean |A|² over each detector pixel), sampled on supersample² points.
+
+    A detector pixel integrates the intensity over its area, so pixels on the aperture edge see a
+    partial disc; this amplitude reproduces that intensity exactly (supersample = 1: point samples).
+    """
+    ky, kx = frequency_grid(n_px, dk_invA)
+    offsets = (np.arange(supersample) - (supersample - 1) / 2) / supersample
+    sub_ky = ky[..., None, None] + dk_invA * offsets[:, None]
+    sub_kx = kx[..., None, None] + dk_invA * offsets[None, :]
+    a = aperture(jnp.sqrt(sub_ky**2 + sub_kx**2), cutoff_invA, edge_invA)
+    return jnp.sqrt(jnp.mean(a**2, axis=(-2, -1)))
+
+
 def probe_from_aberrations(n_px: int, dk_invA, energy_eV, semiangle_mrad, defocus_A,
-                           aberrations: Mapping | None = None, aperture_edge_px=0.5):
+                           aberrations: Mapping | None = None, aperture_edge_px=0.33, supersample: int = 3):
     """Real-space probe (N, N) complex64, centred at [N/2, N/2], Σ|ψ|² = 1.
 
     ψ(k) = A(k) exp(−iχ(k)) with C10 = −defocus_A; `aberrations` maps "C12", "phi12", ... to
-    Å / degrees (keys without a leading "C" are angles "phiNM").
+    Å / degrees (keys without a leading "C" are angles "phiNM"). A is the pixel-integrated
+    aperture (`pixel_integrated_aperture`) with an edge taper `aperture_edge_px` wide.
     """
     lam = wavelength_A(energy_eV)
     ky, kx = frequency_grid(n_px, dk_invA)
     coeffs, angles = split_aberrations(aberrations or {})
     coeffs = {**coeffs, "C10": -jnp.asarray(defocus_A)}
     chi = aberration_phase(ky, kx, lam, coeffs, angles)
-    k = jnp.sqrt(ky**2 + kx**2)
-    amp = aperture(k, semiangle_mrad * 1e-3 / lam, aperture_edge_px * dk_invA)
+    amp = pixel_integrated_aperture(n_px, dk_invA, semiangle_mrad * 1e-3 / lam, aperture_edge_px * dk_invA,
+                                    supersample)
     psi_k = amp * jnp.exp(-1j * chi)
     psi = jnp.fft.fftshift(jnp.fft.ifft2(psi_k, norm="ortho"))
     return (psi / jnp.sqrt(jnp.sum(jnp.abs(psi) ** 2))).astype(jnp.complex64)

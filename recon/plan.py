@@ -115,7 +115,8 @@ class ProbeSpec(_Frozen):
     defocus_A: float | None = Field(None, description="= -C10; positive is underfocus")
     aberrations: Aberrations = Aberrations()
     aperture: Literal["hard", "soft"] = "soft"
-    aperture_edge_px: float = Field(0.5, ge=0, description="soft aperture: width of the edge in detector pixels")
+    aperture_edge_px: float = Field(0.33, ge=0, description="soft aperture: width of the edge in detector pixels")
+    aperture_supersample: int = Field(3, ge=1, le=9, description="points per pixel axis integrating the aperture")
     modes: int = Field(1, ge=1, le=16)
     main_mode_fraction: float = Field(0.8, gt=0, le=1, description="power in mode 0; the rest is split evenly")
     tilt_mrad: tuple[float, float] = (0.0, 0.0)
@@ -139,6 +140,8 @@ class ObjectSpec(_Frozen):
     slices: int = Field(1, ge=1)
     slice_thickness_A: float | None = Field(None, gt=0, description="null: total thickness from the data / slices")
     parameterization: Literal["amp_phase", "complex"] = "amp_phase"
+    supersample: int = Field(1, ge=1, le=4, description="object pixels per 1/(N dk): >1 represents object "
+                             "frequencies beyond the detector grid's Nyquist (cost ~ supersample²)")
     margin_px: int = Field(8, ge=0, description="object pixels beyond the outermost probe windows")
     size_px: tuple[int, int] | None = Field(None, description="explicit object size; null: from the scan")
     init_amplitude: float = Field(1.0, gt=0)

@@ -37,13 +37,15 @@ def prepare(plan: Plan, dataset: Dataset) -> Prepared:
     fit = np.setdiff1d(np.arange(n), heldout)
     n_px = dataset.n_px
     batch = min(plan.batch_size, len(fit))
-    dx = 1.0 / (n_px * optics.dk_invA)
-    shape = plan.object.size_px or engine.object_shape_px(dataset.positions_yx_A, dx, n_px, plan.object.margin_px)
+    s = plan.object.supersample
+    dx = 1.0 / (s * n_px * optics.dk_invA)
+    shape = plan.object.size_px or engine.object_shape_px(dataset.positions_yx_A, dx, s * n_px, s * plan.object.margin_px)
     static = engine.StaticConfig(
         n_px=n_px, n_fit=len(fit), n_heldout=len(heldout), batch_size=batch, n_batches=math.ceil(len(fit) / batch),
         modes=plan.probe.modes, slices=plan.object.slices, object_shape=tuple(shape),
         noise_model=plan.noise_model.name, parameterization=plan.object.parameterization,
-        optimizers=tuple(getattr(plan.optimizers, g).name for g in engine.OPTIMIZED))
+        optimizers=tuple(getattr(plan.optimizers, g).name for g in engine.OPTIMIZED),
+        aperture_supersample=plan.probe.aperture_supersample, object_supersample=s)
     nominal_step = dataset.scan_step_A if dataset.scan_step_A is not None else optics.scan_step_A
     return Prepared(plan, optics, static, engine.build_settings(plan, optics),
                     engine.build_data(dataset, fit, heldout, nominal_step), fit, heldout)
@@ -71,7 +73,7 @@ def _resume_state(state, previous: Result, prep: Prepared):
     if previous.object.shape != (prep.static.slices, *prep.static.object_shape):
         raise PlanError(f"resume: object shape {previous.object.shape} does not match the plan's "
                         f"{(prep.static.slices, *prep.static.object_shape)}")
-    if previous.probe.shape != (prep.static.modes, prep.static.n_px, prep.static.n_px):
+    if previous.probe.shape != (prep.static.modes, prep.static.window_px, prep.static.window_px):
         raise PlanError(f"resume: probe shape {previous.probe.shape} does not match the plan")
     obj = jnp.asarray(previous.object)
     if prep.static.parameterization == "amp_phase":
@@ -168,7 +170,7 @@ def _progress(state, stats, prep: Prepared, outputs) -> Progress:
             cache.update(jax.device_get(outputs(state, prep.settings, prep.data)))
         return np.asarray(cache["object"])
 
-    dx = 1.0 / (prep.static.n_px * float(prep.settings["dk_invA"]))
+    dx = 1.0 / (prep.static.window_px * float(prep.settings["dk_invA"]))
     origin = prep.data["centroid_A"] - dx * np.asarray(prep.static.object_shape) / 2.0
     return Progress(iteration=int(state["iteration"]), loss=stats["loss"], data_loss=stats["data_loss"],
                     dx_A=dx, origin_yx_A=tuple(float(v) for v in origin), _fetch_object=fetch)

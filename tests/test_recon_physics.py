@@ -19,7 +19,7 @@ def test_defocus_is_minus_c10():
     lam = physics.wavelength_A(80e3)
     chi = physics.aberration_phase(ky, kx, lam, {"C10": 100.0}, {})
     np.testing.assert_allclose(chi, np.pi * lam * 100.0 * (ky**2 + kx**2), rtol=1e-5)
-    probe = physics.probe_from_aberrations(64, 0.05, 80e3, 21.0, -100.0, aperture_edge_px=0.0)
+    probe = physics.probe_from_aberrations(64, 0.05, 80e3, 21.0, -100.0, aperture_edge_px=0.0, supersample=1)
     ky, kx = physics.frequency_grid(64, 0.05)
     expected_k = (np.hypot(ky, kx) <= 21e-3 / lam) * np.exp(-1j * np.pi * lam * 100.0 * (ky**2 + kx**2))
     expected = np.fft.fftshift(np.fft.ifft2(expected_k))
@@ -28,13 +28,21 @@ def test_defocus_is_minus_c10():
 
 
 def test_probe_is_centred_and_normalised():
-    psi = np.asarray(physics.probe_from_aberrations(64, 0.05, 80e3, 21.0, 0.0, aperture_edge_px=0.0))
+    psi = np.asarray(physics.probe_from_aberrations(64, 0.05, 80e3, 21.0, 0.0, aperture_edge_px=0.0, supersample=1))
     assert np.sum(np.abs(psi) ** 2) == pytest.approx(1.0, rel=1e-5)
     assert np.unravel_index(np.argmax(np.abs(psi)), psi.shape) == (32, 32)
     spectrum = np.abs(np.fft.fft2(np.fft.ifftshift(psi))) ** 2
     k = np.hypot(*np.meshgrid(np.fft.fftfreq(64) * 64 * 0.05, np.fft.fftfreq(64) * 64 * 0.05, indexing="ij"))
     cutoff = 21e-3 / float(physics.wavelength_A(80e3))
     assert spectrum[k > cutoff].sum() < 1e-6 * spectrum.sum()
+
+
+def test_pixel_integrated_aperture_is_the_area_fraction():
+    dk, cutoff = 1.0, 10.3
+    amp = np.asarray(physics.pixel_integrated_aperture(64, dk, cutoff, 0.0, 9))
+    # total intensity ≈ the disc area in pixels; inner pixels full, far pixels empty
+    assert np.sum(amp**2) == pytest.approx(np.pi * cutoff**2, rel=0.01)
+    assert amp[0, 0] == 1.0 and amp[0, 12] == 0.0 and 0.0 < amp[0, 10] < 1.0
 
 
 def test_astigmatism_angle_rotates_probe():
