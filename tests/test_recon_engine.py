@@ -155,5 +155,5 @@ def test_supersampled_object_halves_the_pixel(tiny_plan_dict):
     fine = recon.reconstruct(plan_from_dict(apply_overrides(tiny_plan_dict, {"object.supersample": 2})))
     assert fine.dx_A == pytest.approx(plain.dx_A / 2, rel=1e-5)
     assert fine.probe.shape[-1] == 2 * plain.probe.shape[-1]
-    assert fine.object.shape[-1] > 1.8 * plain.object.shape[-1]
+    assert fine.object.shape[-1] >= 1.5 * plain.object.shape[-1]
     assert np.all(np.isfinite(fine.history["loss"])) and fine.history["loss"][-1] < fine.history["loss"][0]
