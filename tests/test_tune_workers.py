@@ -168,7 +168,8 @@ def test_sigterm_fails_the_trial_cleanly_and_requeues_it(tmp_path, tiny_data_pat
     rerun = tune("worker", str(path), "--index", "1", cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     trials = load(path, "stopped").get_trials()
-    assert next(t for t in trials if t.number == queued[0].number).state == TrialState.COMPLETE
+    rerun_trial = next(t for t in trials if t.number == queued[0].number)
+    assert rerun_trial.state == TrialState.COMPLETE and rerun_trial.user_attrs["fail_reason"] is None
     assert budget.count(trials).complete == 2
 
 

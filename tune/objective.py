@@ -76,6 +76,9 @@ class Objective:
         self.current = trial
         values = suggest(trial, self.config.params)
         _set_attrs(trial, worker=self.worker.index, host=self.worker.host, device=self.worker.device, pid=self.worker.pid)
+        for stale in ("fail_reason", "pruned_at"):  # a re-run inherits the attributes of the attempt it replaces
+            if trial.user_attrs.get(stale) is not None:
+                trial.set_user_attr(stale, None)
         if self._budget_used_before(trial):
             trial.set_user_attr(budget.SURPLUS_ATTR, True)
             trial.study.stop()
