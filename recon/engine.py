@@ -118,6 +118,7 @@ def build_settings(plan: Plan, optics: "Optics") -> dict:
         "rotation_deg": _f32(plan.scan.rotation_deg),
         "affine": _f32(plan.scan.affine),
         "slice_thickness_A": _f32(optics.slice_thickness_A),
+        "band_limit": _f32(plan.object.band_limit),
         "init_amplitude": _f32(plan.object.init_amplitude),
         "init_phase_rad": _f32(plan.object.init_phase_rad),
         "noise_eps": _f32(plan.noise_model.eps),
@@ -224,7 +225,7 @@ def derive(settings, data, static: StaticConfig) -> dict:
         "dx_A": dx,
         "origin_yx_A": origin,
         "propagator": forward.fresnel_propagator(n, settings["dk_invA"], lam, settings["slice_thickness_A"],
-                                                 settings["tilt_mrad"]),
+                                                 settings["tilt_mrad"], settings["band_limit"]),
         "positions_A": scan_positions(data["positions_A"], settings, data),
         "heldout_positions_A": scan_positions(data["heldout_positions_A"], settings, data),
         # probe parameters are stored in units of √(mean pixel intensity)

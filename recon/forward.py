@@ -15,22 +15,23 @@ from .physics import frequency_grid, wavelength_A
 BAND_LIMIT_FRACTION = 2.0 / 3.0
 
 
-def band_limit_mask(n_px: int, fraction: float = BAND_LIMIT_FRACTION):
-    """1 for |k| ≤ fraction·k_max (k_max = Nyquist), else 0; (N, N) float32."""
+def band_limit_mask(n_px: int, fraction=BAND_LIMIT_FRACTION):
+    """1 for |k| ≤ fraction·k_max (k_max = Nyquist), else 0; (N, N) float32 (fraction may be traced)."""
     f = np.fft.fftfreq(n_px)
     k = np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
-    return jnp.asarray(k <= 0.5 * fraction, dtype=jnp.float32)
+    return (k <= 0.5 * fraction).astype(jnp.float32)
 
 
-def fresnel_propagator(n_px: int, dk_invA, wavelength, dz_A, tilt_mrad=(0.0, 0.0)):
+def fresnel_propagator(n_px: int, dk_invA, wavelength, dz_A, tilt_mrad=(0.0, 0.0), band_limit=BAND_LIMIT_FRACTION):
     """Band-limited Fresnel propagator exp(−iπλΔz k² + 2πiΔz k·tanθ), (N, N) complex64.
 
-    A beam tilt θ (y, x) in mrad shifts the wave laterally by Δz·tanθ per slice.
+    A beam tilt θ (y, x) in mrad shifts the wave laterally by Δz·tanθ per slice; frequencies
+    beyond band_limit × Nyquist are removed (2/3 avoids aliasing in multislice).
     """
     ky, kx = frequency_grid(n_px, dk_invA)
     tilt = jnp.tan(jnp.asarray(tilt_mrad) * 1e-3)
     phase = -jnp.pi * wavelength * dz_A * (ky**2 + kx**2) + 2 * jnp.pi * dz_A * (ky * tilt[0] + kx * tilt[1])
-    return (jnp.exp(1j * phase) * band_limit_mask(n_px)).astype(jnp.complex64)
+    return (jnp.exp(1j * phase) * band_limit_mask(n_px, band_limit)).astype(jnp.complex64)
 
 
 def window_offsets(positions_yx_A, origin_yx_A, dx_A, n_px: int):

@@ -142,6 +142,7 @@ class ObjectSpec(_Frozen):
     parameterization: Literal["amp_phase", "complex"] = "amp_phase"
     supersample: int = Field(1, ge=1, le=4, description="object pixels per 1/(N dk): >1 represents object "
                              "frequencies beyond the detector grid's Nyquist (cost ~ supersample²)")
+    band_limit: float = Field(2.0 / 3.0, gt=0, le=1.5, description="propagator band limit, fraction of Nyquist")
     margin_px: int = Field(8, ge=0, description="object pixels beyond the outermost probe windows")
     size_px: tuple[int, int] | None = Field(None, description="explicit object size; null: from the scan")
     init_amplitude: float = Field(1.0, gt=0)

@@ -22,7 +22,7 @@ def _float_variant(i: int) -> dict:
                               "C54_A": 1e5 * i, "C56_A": 1e5 * i},
         "detector.dk_invA": 0.1 * (1 + 0.01 * i), "scan.step_A": 0.6 * (1 + 0.02 * i),
         "scan.rotation_deg": 3.0 * i, "scan.affine": [1.0 + 0.01 * i, 0.01 * i, -0.01 * i, 1.0],
-        "object.slice_thickness_A": 2.0 * f, "object.init_amplitude": 1.0 / f, "object.init_phase_rad": 0.01 * i,
+        "object.slice_thickness_A": 2.0 * f, "object.band_limit": 0.66 * f, "object.init_amplitude": 1.0 / f, "object.init_phase_rad": 0.01 * i,
         "noise_model.eps": 1e-6 * f,
         "optimizers.object": {"learning_rate": 0.02 * f, "start_iteration": i % 2, "schedule":
                               ["constant", "cosine", "exponential", "warmup_cosine", "cosine"][i],
