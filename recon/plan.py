@@ -265,46 +265,49 @@ class Plan(_Frozen):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith("function-"))
+def describe_validation_error(err: ValidationError, source: str, model: type[BaseModel] | None = None,
+                              prefix: str = "") -> str:
+    """One line naming the file, the key path, what was wrong and what is allowed.
 
-
-def describe_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:
-    """One line naming the file, the key path, what was wrong and what is allowed."""
+    `model` is the schema that was validated (default Plan), used to list the allowed keys;
+    `prefix` is put before the key path (e.g. "recon." for a plan inside a study file).
+    """
     e = err.errors()[0]
-    key = prefix + _loc(e["loc"])
-    msg = e["msg"]
+    loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
+    key = prefix + ".".join(loc)
+    msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        msg = f"unknown key{_allowed_keys_hint(parent, prefix)}"
+        allowed = _fields_at(model or Plan, loc[:-1])
+        msg = "unknown key" + (f"; allowed keys: {', '.join(allowed)}" if allowed else "")
+    elif e["type"] == "missing":
+        msg = "required key is missing"
     elif e["type"] == "literal_error":
         msg = msg.replace("Input should be", "allowed values are")
-    return f"{source}: {key or '(top level)'}: {msg}" + (f" (got {e['input']!r})" if _short(e.get("input")) else "")
+    got = e.get("input")
+    shown = got is not None and not isinstance(got, (dict, list)) and len(repr(got)) < 60 and e["type"] != "missing"
+    return f"{source}: {key or '(top level)'}: {msg}" + (f" (got {got!r})" if shown else "")
 
 
-def _short(value: Any) -> bool:
-    return value is not None and not isinstance(value, (dict, list)) and len(repr(value)) < 60
+def _fields_at(model: Any, loc: list[str]) -> list[str]:
+    """Field names of the model found by walking `loc` (dict entries are skipped)."""
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return []
+        if part not in fields:  # a key of a dict field, e.g. a search path
+            continue
+        model = model_in(fields[part].annotation)
+    return list(getattr(model, "model_fields", {}))
 
 
-def _allowed_keys_hint(parent: str, prefix: str) -> str:
-    model: Any = Plan
-    path = parent[len(prefix):] if parent.startswith(prefix) else parent
-    for part in [p for p in path.split(".") if p]:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return ""
-        model = _model_of(field.annotation)
-        if model is None:
-            return ""
-    return "; allowed keys: " + ", ".join(model.model_fields)
-
-
-def _model_of(annotation: Any) -> Any:
+def model_in(annotation: Any) -> Any:
+    """The pydantic model inside an annotation such as `X | None` or `dict[str, X]` (None if none)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
+        found = model_in(arg)
+        if found is not None:
+            return found
     return None
 
 

@@ -17,7 +17,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from pydantic import BaseModel, ValidationError
 
-from recon.plan import Plan, PlanError, apply_overrides, plan_from_dict
+from recon.plan import Plan, PlanError, apply_overrides, model_in, plan_from_dict
 from tune.study import SearchSpec
 
 PREFIX = "recon."
@@ -62,15 +62,10 @@ def _annotation(name: str, where: str) -> Any:
         annotation = fields[part].annotation
         if i == len(parts) - 1:
             return annotation
-        model = _model_in(annotation)
+        model = model_in(annotation)
         if model is None:
             raise PlanError(f"{where}: {'.'.join(parts[: i + 1])} is a single setting, it has no {parts[i + 1]!r}")
     raise AssertionError("unreachable")
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    candidates = [annotation, *typing.get_args(annotation)]
-    return next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
 
 
 def _kind(annotation: Any) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from recon.plan import DataSpec, Plan, PlanError, load_yaml
+from recon.plan import DataSpec, Plan, PlanError, describe_validation_error, load_yaml
 
 Metric = Literal["nrmse", "mse", "frc_resolution_A", "frc_area", "ssim", "heldout_loss", "data_loss", "runtime_s"]
 Direction = Literal["minimize", "maximize"]
@@ -198,7 +198,7 @@ def load_study(path: str | Path, storage: str | None = None) -> StudyConfig:
     try:
         spec = StudyFile.model_validate(raw)
     except ValidationError as err:
-        raise PlanError(describe_error(err, source, StudyFile)) from None
+        raise PlanError(describe_validation_error(err, source, StudyFile)) from None
     if "data" in spec.recon:
         raise PlanError(f"{source}: recon.data: give the data at the top level (data:), not inside recon")
 
@@ -208,7 +208,7 @@ def load_study(path: str | Path, storage: str | None = None) -> StudyConfig:
     try:
         base_plan = Plan.model_validate(base_raw)
     except ValidationError as err:
-        raise PlanError(describe_error(err, source, Plan, prefix="recon.")) from None
+        raise PlanError(describe_validation_error(err, source, Plan, prefix="recon.")) from None
 
     params = resolve_search(spec.search, base_raw, source)
     directions = spec.objective.directions or tuple(DEFAULT_DIRECTIONS[m] for m in spec.objective.metrics)
@@ -311,42 +311,3 @@ def check_data(config: StudyConfig) -> None:
 
 
 # --------------------------------------------------------------------------- error messages
-def describe_error(err: ValidationError, source: str, model: type[BaseModel], prefix: str = "") -> str:
-    """One line naming the file, the key path, what was wrong and what is allowed."""
-    e = err.errors()[0]
-    loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
-    key = prefix + ".".join(loc)
-    msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "extra_forbidden":
-        allowed = _fields_at(model, loc[:-1])
-        msg = "unknown key" + (f"; allowed keys: {', '.join(allowed)}" if allowed else "")
-    elif e["type"] == "missing":
-        msg = "required key is missing"
-    elif e["type"] == "literal_error":
-        msg = msg.replace("Input should be", "allowed values are")
-    got = e.get("input")
-    shown = got is not None and not isinstance(got, (dict, list)) and len(repr(got)) < 60 and e["type"] != "missing"
-    return f"{source}: {key or '(top level)'}: {msg}" + (f" (got {got!r})" if shown else "")
-
-
-def _fields_at(model: Any, loc: list[str]) -> list[str]:
-    """Field names of the model found by walking `loc` (dict entries are skipped)."""
-    for part in loc:
-        fields = getattr(model, "model_fields", None)
-        if fields is None:
-            return []
-        if part not in fields:  # a key of a dict field, e.g. a search path
-            continue
-        model = _model_in(fields[part].annotation)
-    return list(getattr(model, "model_fields", {}))
-
-
-def _model_in(annotation: Any) -> Any:
-    """The pydantic model inside an annotation such as `X | None` or `dict[str, X]`."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
