@@ -60,3 +60,23 @@ def save_score_figure(path_png: str | Path, report: ScoreReport, *, title: str |
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_phase_figure(path_png: str | Path, reconstruction, *, title: str | None = None) -> Path:
+    """Write the phase summed over slices on its Å axes (for results without a ground truth).
+
+    `reconstruction` is a ``metrics.Reconstruction`` (or anything with ``phase_yx``, ``dx_A`` and
+    ``origin_yx_A``).
+    """
+    phase, dx = reconstruction.phase_yx, reconstruction.dx_A
+    (y0, x0), (ny, nx) = reconstruction.origin_yx_A, phase.shape
+    fig, ax = plt.subplots(figsize=(4.5, 4), layout="constrained")
+    extent = (x0 - dx / 2, x0 + (nx - 0.5) * dx, y0 + (ny - 0.5) * dx, y0 - dx / 2)
+    fig.colorbar(ax.imshow(phase, cmap="gray", extent=extent), ax=ax, fraction=0.046, label="phase (rad)")
+    ax.set_xlabel("x (Å)")
+    ax.set_ylabel("y (Å)")
+    if title:
+        ax.set_title(title)
+    fig.savefig(path_png, dpi=90)
+    plt.close(fig)
+    return Path(path_png)

@@ -73,7 +73,7 @@ def wait_for_running_trial(path: Path, name: str, timeout: float = 120) -> optun
 
 def test_several_workers_finish_exactly_the_budget(tmp_path, tiny_data_path):
     path = study_file(tmp_path, tiny_data_path, "budget", 12, pruner="{name: median, options: {n_startup_trials: 4}}",
-                      extra="output: {keep: best, artifacts: [score_png, result_h5]}\n")
+                      extra="output: {keep: best, artifacts: [score_png, phase_png, result_h5]}\n")
     run = tune("start", str(path), "--workers", "3", cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "12/12 trials" in run.stdout and "report:" in run.stdout
@@ -103,6 +103,7 @@ def test_several_workers_finish_exactly_the_budget(tmp_path, tiny_data_path):
         assert attrs["metrics"]["nrmse"] == pytest.approx(t.value)
         assert f"defocus_A: {t.params['probe.defocus_A']}" in attrs["plan"]
         assert len(attrs["loss_curve"]) == attrs["iterations_done"] == 4
+        assert set(attrs["artifacts"]) == {"score_png", "phase_png", "result_h5"}
         for artifact_id in attrs["artifacts"].values():
             assert (artifact_dir / artifact_id).is_file()
     kept = list((tmp_path / "out" / "budget" / "trials").glob("*.h5"))

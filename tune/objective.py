@@ -191,8 +191,13 @@ class Objective:
                 ids["score_png"] = self._upload(trial, save_score_figure(Path(tmp) / f"{stem}_score.png", report,
                                                                          title=f"trial {trial.number}"))
             if "phase_png" in wanted:
-                ids["phase_png"] = self._upload(trial, save_phase_figure(Path(tmp) / f"{stem}_phase.png", result,
-                                                                         title=f"trial {trial.number}"))
+                from metrics import Reconstruction
+                from metrics.figure import save_phase_figure
+
+                phase_png = save_phase_figure(Path(tmp) / f"{stem}_phase.png",
+                                              Reconstruction(result.object, result.dx_A, result.origin_yx_A),
+                                              title=f"trial {trial.number}")
+                ids["phase_png"] = self._upload(trial, phase_png)
         if ids:
             trial.set_user_attr("artifacts", ids)
 
@@ -219,25 +224,6 @@ class Reporter:
             self.pruned_at = progress.iteration
             return False
         return None
-
-
-def save_phase_figure(path: Path, result: Any, title: str) -> Path:
-    """A PNG of the reconstructed phase summed over slices, on its Å axes (for studies without truth)."""
-    from matplotlib.figure import Figure
-    from metrics import Reconstruction
-
-    phase = Reconstruction(result.object, result.dx_A, result.origin_yx_A).phase_yx
-    (y0, x0), dx = result.origin_yx_A, result.dx_A
-    fig = Figure(figsize=(4.5, 4), layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(phase, cmap="gray", extent=(x0 - dx / 2, x0 + (phase.shape[1] - 0.5) * dx,
-                                                  y0 + (phase.shape[0] - 0.5) * dx, y0 - dx / 2))
-    fig.colorbar(image, ax=ax, fraction=0.046, label="phase (rad)")
-    ax.set_xlabel("x (Å)")
-    ax.set_ylabel("y (Å)")
-    ax.set_title(title)
-    fig.savefig(path, dpi=90)
-    return path
 
 
 def keep_best_results(study: optuna.Study, output_dir: Path) -> None:

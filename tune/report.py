@@ -27,14 +27,13 @@ import optuna
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
-from matplotlib.figure import Figure
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from plotly.offline import get_plotlyjs
 
 import metrics
-from metrics.figure import save_score_figure
+from metrics.figure import save_phase_figure, save_score_figure
 from tune import budget
 from tune.dashboard import close_storage, open_storage
 
@@ -388,21 +387,6 @@ def artifact_images(trial: FrozenTrial, store: FileSystemArtifactStore | None) -
     return tuple(images)
 
 
-def save_phase_png(path: Path, rec: metrics.Reconstruction, title: str) -> None:
-    """The phase summed over slices on its Å axes (no ground truth). Like tune.objective's phase
-    figure, drawn here so that the report does not import the JAX engine."""
-    phase, dx = rec.phase_yx, rec.dx_A
-    (y0, x0), (ny, nx) = rec.origin_yx_A, phase.shape
-    fig = Figure(figsize=(4.5, 4), layout="constrained")
-    ax = fig.subplots()
-    extent = (x0 - dx / 2, x0 + (nx - 0.5) * dx, y0 + (ny - 0.5) * dx, y0 - dx / 2)
-    fig.colorbar(ax.imshow(phase, cmap="gray", extent=extent), ax=ax, fraction=0.046, label="phase (rad)")
-    ax.set_xlabel("x (Å)")
-    ax.set_ylabel("y (Å)")
-    ax.set_title(title)
-    fig.savefig(path, dpi=90)
-
-
 def make_scorer(ground_truth: Path, options: Mapping[str, Any]) -> metrics.Scorer:
     """A scorer with ``options``; by default on the scanned field, or the whole truth without scan positions."""
     truth = metrics.GroundTruth.from_h5(ground_truth)
@@ -422,7 +406,7 @@ def trial_panel(
             save_score_figure(png, scorer.report(result), title=caption)
             return ReconPanel(trial.number, caption, (png.read_bytes(),))
         if result is not None:
-            save_phase_png(png, metrics.load_reconstruction(result), f"trial {trial.number}")
+            save_phase_figure(png, metrics.load_reconstruction(result), title=f"trial {trial.number}")
             return ReconPanel(trial.number, caption, (png.read_bytes(),))
         images = artifact_images(trial, store)
     except (OSError, KeyError, metrics.ScoringError) as error:
