@@ -24,7 +24,7 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--keep-cache", action="store_true", help="use the persistent compilation cache")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value (value parsed as YAML)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     if not args.keep_cache:
         os.environ["PTYTUNE_JAX_CACHE"] = tempfile.mkdtemp(prefix="ptytune-bench-cache-")
     import jax
