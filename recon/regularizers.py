@@ -87,7 +87,7 @@ def weighted_sum(values: dict, weights: dict):
 
 
 def penalty(obj, phase, probe_modes, weights: dict):
-    """Σ weight × regulariser, skipping (at run time, without recompiling) terms of weight 0."""
-    terms = _terms(obj, phase, probe_modes, weights["tv_eps"])
-    return sum(jax.lax.cond(weights[name] > 0, lambda t=terms[name], w=weights[name]: w * t(),
-                            lambda: jnp.zeros((), jnp.float32)) for name in REGULARIZERS)
+    """Σ weight × regulariser; skipped at run time (without recompiling) while every weight is 0."""
+    any_on = sum(weights[name] for name in REGULARIZERS) > 0
+    return jax.lax.cond(any_on, lambda: weighted_sum(regularizer_values(obj, phase, probe_modes, weights["tv_eps"]),
+                                                     weights), lambda: jnp.zeros((), jnp.float32))
