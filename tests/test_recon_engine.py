@@ -157,3 +157,15 @@ def test_supersampled_object_halves_the_pixel(tiny_plan_dict):
     assert fine.probe.shape[-1] == 2 * plain.probe.shape[-1]
     assert fine.object.shape[-1] >= 1.5 * plain.object.shape[-1]
     assert np.all(np.isfinite(fine.history["loss"])) and fine.history["loss"][-1] < fine.history["loss"][0]
+
+
+def test_regulariser_weight_reaches_the_loss(tiny_plan_dict):
+    def total_variation(result):
+        phase = result.phase
+        return np.abs(np.diff(phase, axis=0)).mean() + np.abs(np.diff(phase, axis=1)).mean()
+
+    plain = recon.reconstruct(plan_from_dict(tiny_plan_dict))
+    smooth = recon.reconstruct(plan_from_dict(apply_overrides(tiny_plan_dict, {"regularizers.object_tv": 1.0})))
+    assert smooth.history["loss"][-1] > smooth.history["data_loss"][-1]
+    assert plain.history["loss"][-1] == pytest.approx(plain.history["data_loss"][-1])
+    assert total_variation(smooth) < total_variation(plain)
