@@ -51,7 +51,7 @@ def main() -> int:
     keys = ("nrmse", "scale", "pearson_r", "ssim", "frc_resolution_half_bit_A", "frc_area")
     print(json.dumps({"plan": args.plan, "patterns": plan.data.patterns, "iterations": result.iterations_done,
                       **{k: round(float(final.scores[k]), 4) for k in keys},
-                      "compile_s": round(result.compile_s, 2),
+                      "final_data_loss": round(result.final_data_loss, 5), "compile_s": round(result.compile_s, 2),
                       "median_s_per_iteration": round(float(np.median(result.history["time_s"][1:])), 4),
                       "stop_reason": result.stop_reason}))
     return 0
