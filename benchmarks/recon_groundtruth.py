@@ -1,7 +1,7 @@
 """Reconstruct a plan and score it against the data file's ground truth, printing NRMSE milestones.
 
 Usage: python benchmarks/recon_groundtruth.py PLAN.yml --data DATA.h5 [--patterns dp] [--iterations 100]
-         [--every 10] [--out result.h5] [--figure fig.png]
+         [--every 10] [--out result.h5] [--figure fig.png] [dotted.key=value ...]
 Prints one JSON line per scored iteration and a final line with all scores (metrics.Scorer) and timing.
 """
 from __future__ import annotations
@@ -23,12 +23,14 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--out")
     parser.add_argument("--figure")
-    args = parser.parse_args()
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value (value parsed as YAML)")
+    args = parser.parse_intermixed_args()
     import metrics
     import recon
     from metrics.figure import save_score_figure
+    from recon.plan import parse_overrides
 
-    overrides = {"data.path": os.path.abspath(args.data)}
+    overrides = {**parse_overrides(args.overrides), "data.path": os.path.abspath(args.data)}
     if args.patterns:
         overrides["data.patterns"] = args.patterns
     if args.iterations:

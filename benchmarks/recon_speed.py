@@ -14,7 +14,6 @@ import sys
 import tempfile
 
 import numpy as np
-import yaml
 
 
 def main() -> int:
@@ -30,8 +29,9 @@ def main() -> int:
     import jax
     import recon
 
-    overrides = {"iterations": args.iterations, **{k: yaml.safe_load(v) for k, v in
-                                                    (o.split("=", 1) for o in args.overrides)}}
+    from recon.plan import parse_overrides
+
+    overrides = {"iterations": args.iterations, **parse_overrides(args.overrides)}
     if args.data:
         overrides["data.path"] = os.path.abspath(args.data)
     plan = recon.load_plan(args.plan, overrides=overrides)

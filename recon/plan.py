@@ -359,6 +359,17 @@ def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan
     return plan_from_dict(raw, str(p), base_dir=p.parent)
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse command-line `dotted.key=value` items; values are YAML scalars or lists (safe loader)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise PlanError(f"override {item!r}: expected dotted.key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Return a deep copy of raw with dotted keys set (creating nested mappings as needed)."""
     out = _deep_copy(raw)

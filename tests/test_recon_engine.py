@@ -169,3 +169,12 @@ def test_regulariser_weight_reaches_the_loss(tiny_plan_dict):
     assert smooth.history["loss"][-1] > smooth.history["data_loss"][-1]
     assert plain.history["loss"][-1] == pytest.approx(plain.history["data_loss"][-1])
     assert total_variation(smooth) < total_variation(plain)
+
+
+def test_command_line_overrides_are_parsed_safely():
+    from recon.plan import parse_overrides
+
+    assert parse_overrides(["object.supersample=2", "probe.tilt_mrad=[0.5, 0]", "data.patterns=dp"]) == {
+        "object.supersample": 2, "probe.tilt_mrad": [0.5, 0], "data.patterns": "dp"}
+    with pytest.raises(recon.PlanError, match="dotted.key=value"):
+        parse_overrides(["iterations"])
