@@ -178,3 +178,11 @@ def test_command_line_overrides_are_parsed_safely():
         "object.supersample": 2, "probe.tilt_mrad": [0.5, 0], "data.patterns": "dp"}
     with pytest.raises(recon.PlanError, match="dotted.key=value"):
         parse_overrides(["iterations"])
+
+
+@pytest.mark.parametrize("name", ["demo_recon.yml", "mos2_1l_recon.yml", "sto_10nm_recon.yml"])
+def test_shipped_plans_validate(name):
+    from pathlib import Path
+
+    plan = recon.load_plan(Path(__file__).parent.parent / "studies" / name)
+    assert plan.iterations > 0 and (plan.data.path or plan.data.simulate)
