@@ -22,6 +22,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tune import budget
+from tune.storage import open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -53,7 +54,8 @@ def spawn(*args: str, cwd: Path) -> subprocess.Popen[str]:
 
 
 def load(path: Path, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{path.with_suffix('.db')}")
+    """The study, opened as workers open it (a plain RDBStorage would race them creating the tables)."""
+    return optuna.load_study(study_name=name, storage=open_storage(f"sqlite:///{path.with_suffix('.db')}"))
 
 
 def wait_for_running_trial(path: Path, name: str, timeout: float = 120) -> optuna.trial.FrozenTrial:
