@@ -228,8 +228,7 @@ def derive(settings, data, static: StaticConfig) -> dict:
                                                  settings["tilt_mrad"], settings["band_limit"]),
         "positions_A": scan_positions(data["positions_A"], settings, data),
         "heldout_positions_A": scan_positions(data["heldout_positions_A"], settings, data),
-        # probe parameters are stored in units of √(mean pixel intensity)
-        "probe_unit": jnp.sqrt(data["mean_pixel"]),
+        "probe_unit": probe_unit(data),
         "probe_power": jnp.asarray(float(static.n_px**2), jnp.float32),
     }
 
@@ -237,18 +236,30 @@ def derive(settings, data, static: StaticConfig) -> dict:
 # --------------------------------------------------------------------------- parameters
 
 
+def complex_object(params, static: StaticConfig):
+    """The complex transmission (S, Y, X) held by the optimised object parameters."""
+    if static.parameterization == "amp_phase":
+        return params["amp"] * jnp.exp(1j * params["phase"])
+    return params["obj_re"] + 1j * params["obj_im"]
+
+
+def object_params(obj, static: StaticConfig) -> dict:
+    """The object parameters of a complex transmission (the inverse of complex_object)."""
+    if static.parameterization == "amp_phase":
+        return {"amp": jnp.abs(obj), "phase": jnp.angle(obj)}
+    return {"obj_re": jnp.real(obj), "obj_im": jnp.imag(obj)}
+
+
 def transmission(params, static: StaticConfig):
     """Complex transmission (S, Y, X) and its phase from the optimised object parameters."""
-    if static.parameterization == "amp_phase":
-        return params["amp"] * jnp.exp(1j * params["phase"]), params["phase"]
-    obj = params["obj_re"] + 1j * params["obj_im"]
-    return obj, jnp.angle(obj)
+    obj = complex_object(params, static)
+    return obj, params["phase"] if static.parameterization == "amp_phase" else jnp.angle(obj)
 
 
 def _to_amp_phase(params, static):
     if static.parameterization == "amp_phase":
         return params
-    obj = params["obj_re"] + 1j * params["obj_im"]
+    obj = complex_object(params, static)
     rest = {k: v for k, v in params.items() if k not in ("obj_re", "obj_im")}
     return {**rest, "amp": jnp.abs(obj), "phase": jnp.angle(obj)}
 
@@ -256,9 +267,13 @@ def _to_amp_phase(params, static):
 def _from_amp_phase(params, static):
     if static.parameterization == "amp_phase":
         return params
-    obj = params["amp"] * jnp.exp(1j * params["phase"])
     rest = {k: v for k, v in params.items() if k not in ("amp", "phase")}
-    return {**rest, "obj_re": jnp.real(obj), "obj_im": jnp.imag(obj)}
+    return {**rest, **object_params(params["amp"] * jnp.exp(1j * params["phase"]), static)}
+
+
+def probe_unit(data):
+    """Probe parameters are stored in units of √(mean pixel intensity)."""
+    return jnp.sqrt(data["mean_pixel"])
 
 
 def _object_keys(static):

@@ -75,13 +75,8 @@ def _resume_state(state, previous: Result, prep: Prepared):
                         f"{(prep.static.slices, *prep.static.object_shape)}")
     if previous.probe.shape != (prep.static.modes, prep.static.window_px, prep.static.window_px):
         raise PlanError(f"resume: probe shape {previous.probe.shape} does not match the plan")
-    obj = jnp.asarray(previous.object)
-    if prep.static.parameterization == "amp_phase":
-        params["amp"], params["phase"] = jnp.abs(obj), jnp.angle(obj)
-    else:
-        params["obj_re"], params["obj_im"] = jnp.real(obj), jnp.imag(obj)
-    unit = float(np.sqrt(prep.data["mean_pixel"]))
-    params["probe"] = jnp.asarray(previous.probe / unit, jnp.complex64)
+    params.update(engine.object_params(jnp.asarray(previous.object), prep.static))
+    params["probe"] = jnp.asarray(previous.probe / engine.probe_unit(prep.data), jnp.complex64)
     if len(previous.positions_yx_A) == len(prep.heldout_indices) + prep.static.n_fit:
         nominal = np.asarray(engine.scan_positions(prep.data["positions_A"], prep.settings, prep.data))
         params["offsets"] = jnp.asarray(previous.positions_yx_A[prep.fit_indices] - nominal, jnp.float32)

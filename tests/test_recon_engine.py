@@ -186,3 +186,11 @@ def test_shipped_plans_validate(name):
 
     plan = recon.load_plan(Path(__file__).parent.parent / "studies" / name)
     assert plan.iterations > 0 and (plan.data.path or plan.data.simulate)
+
+
+def test_complex_parameterisation_resumes_from_its_object(tiny_plan_dict):
+    plan = plan_from_dict(apply_overrides(tiny_plan_dict, {"object.parameterization": "complex"}))
+    first = recon.reconstruct(plan)
+    resumed = recon.reconstruct(plan.model_copy(update={"iterations": 4}), resume=first)
+    assert resumed.iterations_done == 4
+    assert resumed.history["loss"][0] <= first.history["loss"][0]
