@@ -84,7 +84,7 @@ ABERRATED = SimulationSpec(pattern_px=48, scan_shape=(16, 16), dose_e_per_A2=(1e
                            aberrations=Aberrations(C12_A=25.0, phi12_deg=40.0, C21_A=300.0, phi21_deg=-30.0,
                                                    C30_A=2.0e4),
                            scan_rotation_deg=4.0, source_fwhm_A=0.4)
-LOWDOSE = SimulationSpec(pattern_px=48, scan_shape=(16, 16), dose_e_per_A2=(2e3,), seed=12, source_fwhm_A=0.3)
+LOWDOSE = SimulationSpec(pattern_px=48, scan_shape=(16, 16), dose_e_per_A2=(1e4,), seed=12, source_fwhm_A=0.3)
 
 CASES = {
     "mos2_1l": Case(
@@ -105,13 +105,13 @@ CASES = {
         notes="simulated: defocus −100 Å, C12 25 Å at 40°, C21 300 Å, C30 2 µm, scan rotation 4°, "
               "source 0.4 Å FWHM, dose 1e5 e/Å²; nominal optics: defocus −60 Å, no C12, no rotation"),
     "lowdose": Case(
-        data={"path": "{out}/lowdose.h5", "patterns": "dp_noisy/dose_2e+03"},
+        data={"path": "{out}/lowdose.h5", "patterns": "dp_noisy/dose_1e+04"},
         base={**BASE_PLAN, "probe": {"defocus_A": -80.0}},
         search=(Dimension("probe.defocus_A", -160.0, -40.0), Dimension("optimizers.object.learning_rate", 5e-3, 0.2,
                                                                         log=True),
                 *COMMON_SEARCH),
         simulate=LOWDOSE,
-        notes="simulated: defocus −100 Å, source 0.3 Å FWHM, dose 2e3 e/Å² (500 e per pattern)"),
+        notes="simulated: defocus −100 Å, source 0.3 Å FWHM, dose 1e4 e/Å² (2500 e per pattern)"),
 }
 
 
