@@ -48,6 +48,7 @@ class Dataset:
     dk_invA: float | None             # after binning (dk × bin)
     total_thickness_A: float | None
     source: str                       # "path::dataset" for messages
+    positions_in_steps: bool = False  # positions are scan-grid indices (no positions in the file): scan.step_A needed
 
     @property
     def n_px(self) -> int:
@@ -65,6 +66,7 @@ class _Source:
     detector_mask: np.ndarray | None    # (N, N) on-disk layout, 1/0
     meta: dict[str, float | None]       # energy_eV, semiangle_mrad, defocus_A, dk_invA, total_thickness_A
     source: str
+    positions_in_steps: bool = False    # positions are grid indices, scan_step_A = 1 step
 
     @property
     def n_patterns(self) -> int:
@@ -247,14 +249,20 @@ def _make_source(patterns, positions, step, mask, meta, source: str, spec: DataS
     else:
         iy, ix = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
         positions = np.stack([iy.ravel(), ix.ravel()], axis=1).astype(np.float64)
-        step = 1.0
-    if mask is not None:
-        mask = np.asarray(mask)
-        if mask.shape != tuple(patterns.shape[-2:]):
-            raise PlanError(f"{source}: data.detector_mask: expected shape {tuple(patterns.shape[-2:])} "
-                            f"like the patterns, got {mask.shape}")
-        mask = (mask != 0).astype(np.float32)
-    return _Source(patterns, grid, positions, step, mask, meta, source)
+        return _Source(patterns, grid, positions, 1.0, _checked_mask(mask, patterns, source), meta, source,
+                       positions_in_steps=True)
+    return _Source(patterns, grid, positions, step, _checked_mask(mask, patterns, source), meta, source)
+
+
+def _checked_mask(mask, patterns, source: str) -> np.ndarray | None:
+    """The detector mask as 1/0 float32 in the on-disk layout, checked against the pattern shape."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.shape != tuple(patterns.shape[-2:]):
+        raise PlanError(f"{source}: data.detector_mask: expected shape {tuple(patterns.shape[-2:])} "
+                        f"like the patterns, got {mask.shape}")
+    return (mask != 0).astype(np.float32)
 
 
 def _grid(shape: tuple[int, ...], scan_shape: tuple[int, int] | None, source: str) -> tuple[int, int] | None:
@@ -354,6 +362,7 @@ def _prepare(src: _Source, spec: DataSpec) -> Dataset:
         dk_invA=None if dk is None else dk * spec.bin,
         total_thickness_A=src.meta.get("total_thickness_A"),
         source=src.source,
+        positions_in_steps=src.positions_in_steps,
     )
 
 

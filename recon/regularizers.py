@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .state import RegularizerWeights
+
 REGULARIZERS = ("object_l1", "object_l2", "object_tikhonov", "object_tv", "phase_l1",
                 "layer_tikhonov", "layer_tv", "probe_l2")
 
@@ -81,13 +83,13 @@ def regularizer_values(obj, phase, probe_modes, tv_eps) -> dict:
     return {name: term() for name, term in _terms(obj, phase, probe_modes, tv_eps).items()}
 
 
-def weighted_sum(values: dict, weights: dict):
+def weighted_sum(values: dict, weights: RegularizerWeights):
     """Σ weight × value over the regularisers."""
-    return sum(weights[name] * values[name] for name in REGULARIZERS)
+    return sum(getattr(weights, name) * values[name] for name in REGULARIZERS)
 
 
-def penalty(obj, phase, probe_modes, weights: dict):
+def penalty(obj, phase, probe_modes, weights: RegularizerWeights):
     """Σ weight × regulariser; skipped at run time (without recompiling) while every weight is 0."""
-    any_on = sum(weights[name] for name in REGULARIZERS) > 0
-    return jax.lax.cond(any_on, lambda: weighted_sum(regularizer_values(obj, phase, probe_modes, weights["tv_eps"]),
+    any_on = sum(getattr(weights, name) for name in REGULARIZERS) > 0
+    return jax.lax.cond(any_on, lambda: weighted_sum(regularizer_values(obj, phase, probe_modes, weights.tv_eps),
                                                      weights), lambda: jnp.zeros((), jnp.float32))
