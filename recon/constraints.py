@@ -111,8 +111,22 @@ def position_recentering(offsets):
     return offsets - jnp.mean(offsets, axis=0, keepdims=True)
 
 
-def _when(active, fn, value):
-    return jax.lax.cond(active, fn, lambda v: v, value)
+def _gated(active, fn, value, gate=None):
+    """fn(value) where `active`, else value. With a `gate` (batched trials: true when any trial of the
+    batch is active; not batched itself) the branch runs once for the batch and each trial keeps its
+    own value where it is inactive, instead of vmap computing both branches for every trial."""
+    if gate is None:
+        return jax.lax.cond(active, fn, lambda v: v, value)
+    return jax.lax.cond(gate, lambda v: jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), fn(v), v),
+                        lambda v: v, value)
+
+
+def batch_gates(cons: ConstraintSettings, iteration, active):
+    """(n_constraints,) bool: the constraint is active for some running trial of a batch.
+
+    `cons` leaves and `iteration` carry the trial axis (K,); `active` (K,) marks running trials.
+    """
+    return jnp.stack([jnp.any(is_active(getattr(cons, name), iteration) & active) for name in CONSTRAINTS])
 
 
 class Context(NamedTuple):
@@ -129,26 +143,32 @@ class Context(NamedTuple):
     aperture_edge_px: Any
 
 
-def apply_constraints(params: Params, cons: ConstraintSettings, iteration, ctx: Context) -> Params:
+def apply_constraints(params: Params, cons: ConstraintSettings, iteration, ctx: Context, gates=None) -> Params:
     """Apply every constraint whose schedule is active at `iteration`.
 
     `params` holds amplitude (object_a) and phase (object_b) whatever the plan's parameterization.
+    `gates`: see `batch_gates` (None for a single trial).
     """
     act = {name: is_active(getattr(cons, name), iteration) for name in CONSTRAINTS}
-    probe = _when(act["probe_fourier_mask"], lambda v: probe_fourier_mask(
+    gate = {name: None if gates is None else gates[i] for i, name in enumerate(CONSTRAINTS)}
+
+    def _when(name, fn, value):
+        return _gated(act[name], fn, value, gate[name])
+
+    probe = _when("probe_fourier_mask", lambda v: probe_fourier_mask(
         v, ctx.dk_invA, ctx.energy_eV, ctx.semiangle_mrad, cons.fourier_mask_radius_factor, ctx.aperture_edge_px),
         params.probe)
-    probe = _when(act["orthogonalize_probe"], orthogonalize_probe, probe)
-    probe = _when(act["fix_probe_intensity"], lambda v: fix_probe_intensity(v, ctx.probe_power), probe)
-    amp = _when(act["object_amplitude"], lambda v: object_amplitude(v, cons.amplitude_min, cons.amplitude_max),
+    probe = _when("orthogonalize_probe", orthogonalize_probe, probe)
+    probe = _when("fix_probe_intensity", lambda v: fix_probe_intensity(v, ctx.probe_power), probe)
+    amp = _when("object_amplitude", lambda v: object_amplitude(v, cons.amplitude_min, cons.amplitude_max),
                 params.object_a)
-    phase = _when(act["phase_positivity"], lambda v: phase_positivity(v, cons.positivity_relax), params.object_b)
+    phase = _when("phase_positivity", lambda v: phase_positivity(v, cons.positivity_relax), params.object_b)
     sigma = cons.lowpass_sigma_px
-    amp, phase = _when(act["lateral_lowpass"], lambda ap: (
+    amp, phase = _when("lateral_lowpass", lambda ap: (
         1.0 + lateral_lowpass(ap[0] - 1.0, sigma), lateral_lowpass(ap[1], sigma)), (amp, phase))
     zs = cons.z_blur_sigma_slices
-    amp, phase = _when(act["z_blur"], lambda ap: (z_blur(ap[0], zs), z_blur(ap[1], zs)), (amp, phase))
-    phase = _when(act["kz_filter"], lambda v: kz_filter(v, ctx.dx_A, ctx.dz_A, cons.kz_beta, cons.kz_strength), phase)
-    phase = _when(act["phase_ramp_removal"], phase_ramp_removal, phase)
-    offsets = _when(act["position_recentering"], position_recentering, params.offsets_A)
+    amp, phase = _when("z_blur", lambda ap: (z_blur(ap[0], zs), z_blur(ap[1], zs)), (amp, phase))
+    phase = _when("kz_filter", lambda v: kz_filter(v, ctx.dx_A, ctx.dz_A, cons.kz_beta, cons.kz_strength), phase)
+    phase = _when("phase_ramp_removal", phase_ramp_removal, phase)
+    offsets = _when("position_recentering", position_recentering, params.offsets_A)
     return Params(object_a=amp, object_b=phase, probe=probe, offsets_A=offsets)

@@ -176,14 +176,34 @@ def _model_intensities(params: Params, static: StaticConfig, drv: Derived, posit
                                        drv.propagator, static.n_px)
 
 
-def _loss(params: Params, static: StaticConfig, settings: Settings, data: EngineData, drv: Derived, idx, weights):
+class Gates(NamedTuple):
+    """Batched trials: which optional steps some running trial of the batch needs this iteration
+    (not batched themselves, so a step no trial needs is skipped for the whole batch).
+
+    constraints: (n_constraints,) bool in `recon.constraints.CONSTRAINTS` order; regularizers: () bool.
+    """
+
+    constraints: Any
+    regularizers: Any
+
+
+def batch_gates(state: EngineState, settings: Settings, active) -> Gates:
+    """The gates of a batch from its stacked state and settings and the running trials `active` (K,)."""
+    return Gates(constraints=cons_mod.batch_gates(settings.constraints, state.iteration, active),
+                 regularizers=jnp.any(regularizers.any_on(settings.regularizers) & active))
+
+
+def _loss(params: Params, static: StaticConfig, settings: Settings, data: EngineData, drv: Derived, idx, weights,
+          gates: Gates | None = None):
     positions = drv.positions_A[idx] + params.offsets_A[idx]
     model = _model_intensities(params, static, drv, positions)
     per_pattern = noise.pattern_losses(static.noise_model, model, data.patterns[idx], data.mask,
                                        settings.noise_eps, data.mean_total, data.mean_pixel)
     data_term = jnp.sum(per_pattern * weights) / jnp.sum(weights)
     obj, phase = transmission(params, static)
-    return data_term + regularizers.penalty(obj, phase, params.probe / static.n_px, settings.regularizers), data_term
+    penalty = regularizers.penalty(obj, phase, params.probe / static.n_px, settings.regularizers,
+                                   None if gates is None else gates.regularizers)
+    return data_term + penalty, data_term
 
 
 def _batches(key, static: StaticConfig):
@@ -202,8 +222,9 @@ def _constraint_context(settings: Settings, drv: Derived) -> cons_mod.Context:
 
 
 def make_iteration(static: StaticConfig) -> Callable[[EngineState, Settings, EngineData], tuple[EngineState, Stats]]:
-    """iteration(state, settings, data) -> (state, stats): one pass over all mini-batches."""
-    def iteration(state: EngineState, settings: Settings, data: EngineData) -> tuple[EngineState, Stats]:
+    """iteration(state, settings, data[, gates]) -> (state, stats): one pass over all mini-batches."""
+    def iteration(state: EngineState, settings: Settings, data: EngineData,
+                  gates: Gates | None = None) -> tuple[EngineState, Stats]:
         drv = derive(settings, data, static)
         key, sub = jax.random.split(state.key)
         it = state.iteration
@@ -213,7 +234,7 @@ def make_iteration(static: StaticConfig) -> Callable[[EngineState, Settings, Eng
         def step(carry, batch):
             params, opt = carry
             (_, data_term), grads = jax.value_and_grad(_loss, has_aux=True)(
-                params, static, settings, data, drv, batch[0], batch[1])
+                params, static, settings, data, drv, batch[0], batch[1], gates)
             grads = jax.tree_util.tree_map(lambda g: jnp.conj(g) if jnp.iscomplexobj(g) else g, grads)  # Wirtinger
             new_params, new_opt = params, []
             for g, fields, opt_g, spec, rate in zip(OPTIMIZED, GROUP_FIELDS, opt, settings.optimizers, rates):
@@ -226,8 +247,9 @@ def make_iteration(static: StaticConfig) -> Callable[[EngineState, Settings, Eng
             return (new_params, Groups(*new_opt)), data_term
 
         (params, opt), data_terms = jax.lax.scan(step, (state.params, state.opt), (idx, w))
-        params = _from_amp_phase(cons_mod.apply_constraints(_to_amp_phase(params, static), settings.constraints, it,
-                                                            _constraint_context(settings, drv)), static)
+        params = _from_amp_phase(cons_mod.apply_constraints(
+            _to_amp_phase(params, static), settings.constraints, it, _constraint_context(settings, drv),
+            None if gates is None else gates.constraints), static)
         obj, phase = transmission(params, static)
         regs = regularizers.regularizer_values(obj, phase, params.probe / static.n_px, settings.regularizers.tv_eps)
         data_loss = jnp.mean(data_terms)
@@ -291,15 +313,16 @@ def make_batched(name: str, static: StaticConfig) -> Callable:
 
     `iteration` takes a fourth argument `active` (K,) bool: inactive trials (pruned, failed or done)
     keep their state unchanged, so one program serves a batch whose trials end at different times.
+    Constraints and regularisers that no running trial needs are skipped for the whole batch (`Gates`).
     """
     single = _MAKERS[name](static)
     if name == "init":
         return jax.vmap(single, in_axes=(0, None))
     if name == "iteration":
-        vmapped = jax.vmap(single, in_axes=(0, 0, None))
+        vmapped = jax.vmap(single, in_axes=(0, 0, None, None))
 
         def iteration(state, settings, data, active):
-            new_state, stats = vmapped(state, settings, data)
+            new_state, stats = vmapped(state, settings, data, batch_gates(state, settings, active))
             return _keep_where(active, new_state, state), stats
 
         return iteration

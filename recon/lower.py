@@ -251,3 +251,34 @@ def lower(plan: Plan, dataset: Dataset) -> Lowered:
         dataset.scan_step_A if dataset.scan_step_A is not None else optics.scan_step_A)
     return Lowered(plan, optics, grid, static, build_settings(plan, optics),
                    build_data(dataset, fit, heldout, nominal_step), fit, heldout)
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+def fft_passes_per_iteration(static: StaticConfig) -> int:
+    """2-D FFTs of one probe window per iteration (forward and gradient, all positions and modes).
+
+    Forward per position and mode: one sub-pixel shift, 2(S − 1) slice propagations and the far
+    field = 2S FFTs; the gradient costs as many again.
+    """
+    return 4 * static.modes * static.slices * static.n_fit
+
+
+def fft_bytes_per_iteration(static: StaticConfig) -> int:
+    """Memory traffic of those FFTs: each reads and writes W² complex64 values (16 W² bytes)."""
+    return fft_passes_per_iteration(static) * 16 * static.window_px**2
+
+
+def trial_bytes(static: StaticConfig) -> int:
+    """Device memory one trial needs beyond the shared data, from its shapes (an upper estimate).
+
+    State: object (2 float32 arrays) and probe with two optimiser moments each, offsets; work: one
+    mini-batch's wave fields kept for the gradient (~(4S + 6) arrays of B·M·W² complex64) and the
+    object gradient.
+    """
+    obj = static.slices * static.object_shape[0] * static.object_shape[1] * 4 * 2
+    probe = static.modes * static.window_px**2 * 8
+    state = 3 * (obj + probe) + 3 * static.n_fit * 2 * 4
+    work = static.batch_size * static.modes * static.window_px**2 * 8 * (4 * static.slices + 6) + 2 * obj
+    return int(state + work)

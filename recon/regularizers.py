@@ -88,8 +88,16 @@ def weighted_sum(values: dict, weights: RegularizerWeights):
     return sum(getattr(weights, name) * values[name] for name in REGULARIZERS)
 
 
-def penalty(obj, phase, probe_modes, weights: RegularizerWeights):
-    """Σ weight × regulariser; skipped at run time (without recompiling) while every weight is 0."""
-    any_on = sum(getattr(weights, name) for name in REGULARIZERS) > 0
-    return jax.lax.cond(any_on, lambda: weighted_sum(regularizer_values(obj, phase, probe_modes, weights.tv_eps),
+def any_on(weights: RegularizerWeights):
+    """True when some regulariser has a non-zero weight (elementwise over a leading trial axis)."""
+    return sum(getattr(weights, name) for name in REGULARIZERS) > 0
+
+
+def penalty(obj, phase, probe_modes, weights: RegularizerWeights, gate=None):
+    """Σ weight × regulariser; skipped at run time (without recompiling) while every weight is 0.
+
+    `gate` (batched trials): any trial of the batch has a regulariser on; not batched itself, so the
+    terms are skipped for the whole batch instead of vmap computing them for every trial.
+    """
+    return jax.lax.cond(any_on(weights) if gate is None else gate, lambda: weighted_sum(regularizer_values(obj, phase, probe_modes, weights.tv_eps),
                                                      weights), lambda: jnp.zeros((), jnp.float32))
