@@ -361,3 +361,32 @@ def compiled(name: str, static: StaticConfig, *args, batched: bool = False) -> t
 def compile_count() -> int:
     """Programs compiled (or loaded from the persistent cache) in this process."""
     return len(_COMPILED)
+
+
+# --------------------------------------------------------------------------- trials per batch
+
+#: Trials per batch on a CPU for study.trials_per_batch = auto: benchmarks/trial_throughput.py shows
+#: batching slower per trial on CPUs (vmapped window gathers and gradient scatters cost more than
+#: the launches they save), so CPUs run one trial at a time.
+CPU_TRIALS_PER_BATCH = 1
+#: Most trials one program batches, and the share of free device memory a batch may fill.
+MAX_TRIALS_PER_BATCH = 64
+MEMORY_FRACTION = 0.7
+
+
+def auto_trials_per_batch(trial_bytes: int, shared_bytes: int, device: Any | None = None) -> int:
+    """K for study.trials_per_batch = auto: as many trials as fit in the accelerator's free memory
+    (after the shared data), at most MAX_TRIALS_PER_BATCH; CPU_TRIALS_PER_BATCH on a CPU or when
+    the device does not report its memory."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return CPU_TRIALS_PER_BATCH
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - shared_bytes
+    return int(max(1, min(MAX_TRIALS_PER_BATCH, MEMORY_FRACTION * free // max(trial_bytes, 1))))
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for XLA's out-of-device-memory errors (the batch should be split)."""
+    text = f"{type(err).__name__}: {err}"
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text

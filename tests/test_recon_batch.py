@@ -75,3 +75,34 @@ def test_plans_with_different_shapes_are_refused(tiny_plan_dict):
         recon.reconstruct_batch([plans[0], other])
     assert recon.static_key(plans[0], recon.load_dataset(plans[0].data)) != recon.static_key(
         other, recon.load_dataset(other.data))
+
+
+class _FakeDevice:
+    def __init__(self, platform, stats):
+        self.platform, self._stats = platform, stats
+
+    def memory_stats(self):
+        return self._stats
+
+
+def test_auto_trials_per_batch_fills_free_device_memory():
+    from recon.engine import CPU_TRIALS_PER_BATCH, MAX_TRIALS_PER_BATCH, auto_trials_per_batch
+
+    gpu = _FakeDevice("gpu", {"bytes_limit": 80 * 2**30, "bytes_in_use": 10 * 2**30})
+    # 70 GiB free, 1 GiB shared data, 0.7 of the rest for trials of 2 GiB each: 24
+    assert auto_trials_per_batch(2 * 2**30, 2**30, gpu) == 24
+    assert auto_trials_per_batch(2**20, 0, gpu) == MAX_TRIALS_PER_BATCH
+    assert auto_trials_per_batch(100 * 2**30, 0, gpu) == 1
+    assert auto_trials_per_batch(2**20, 0, _FakeDevice("cpu", None)) == CPU_TRIALS_PER_BATCH
+    assert auto_trials_per_batch(2**20, 0, _FakeDevice("gpu", {})) == CPU_TRIALS_PER_BATCH
+
+
+def test_trial_bytes_grow_with_the_problem(tiny_plan_dict):
+    from recon.lower import fft_bytes_per_iteration, lower, trial_bytes
+
+    plan = plan_from_dict(tiny_plan_dict)
+    dataset = recon.load_dataset(plan.data)
+    small = lower(plan, dataset).static
+    big = lower(plan_from_dict(apply_overrides(tiny_plan_dict, {"probe.modes": 3, "object.slices": 4})), dataset).static
+    assert trial_bytes(big) > 3 * trial_bytes(small) > 0
+    assert fft_bytes_per_iteration(big) == 12 * fft_bytes_per_iteration(small)
