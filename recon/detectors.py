@@ -41,10 +41,13 @@ import numpy as np
 from rsciio.digitalmicrograph import file_reader as dm_reader
 from rsciio.empad import file_reader as empad_reader
 from rsciio.quantumdetector import file_reader as mib_reader
+from rsciio.utils.file import memmap_distributed
 
 from .plan import DataSpec, PlanError
 
 DETECTOR_FORMATS = ("empad", "mib", "dm", "arina", "emd")
+#: dask chunks: whole frames, blocks of scan positions of dask's default chunk size (~128 MiB)
+FRAME_CHUNKS = ("auto", "auto", -1, -1)
 #: Detector pixel pitch in metres, for a camera-length calibration.
 PIXEL_PITCH_M = {"empad": 150e-6, "mib": 55e-6, "arina": 100e-6}
 _EXTENSIONS = {".npy": "npy", ".xml": "empad", ".mib": "mib", ".dm3": "dm", ".dm4": "dm"}
@@ -169,8 +172,9 @@ def _open_empad(path: Path, spec: DataSpec) -> DetectorData:
         raise PlanError(f"{raw}: data.scan_shape: the .xml scan {list(xml_shape)} ({n_xml} frames) does not match "
                         f"the {n_file} frames in the raw file; set data.scan_shape")
     shape, shape_from = _scan_shape(spec, n_file, xml_shape, "the .xml", str(path))
-    d = empad_reader(str(path), lazy=True)[0]
-    data = d["data"].reshape(shape + tuple(d["data"].shape[-2:]))
+    d = empad_reader(str(path), lazy=True)[0]  # metadata and axes; frames re-mapped below in whole-frame chunks
+    frame = np.dtype([("data", "<f4", (128, 128)), ("footer", "<f4", (2, 128))])  # as rsciio.empad reads it
+    data = memmap_distributed(str(raw), dtype=frame, shape=shape, key="data", chunks=FRAME_CHUNKS)
     meta = _rsciio_meta(d, "empad")
     return DetectorData(data, "empad", meta, str(path), shape_from)
 
@@ -227,7 +231,7 @@ def _open_mib(path: Path, spec: DataSpec) -> DetectorData:
         if n_acq and per_line > 1 and n_acq % per_line == 0:
             file_shape = (n_acq // per_line, per_line)
     shape, shape_from = _scan_shape(spec, n_file, file_shape, "the .hdr", str(path))
-    d = mib_reader(str(path), lazy=True, navigation_shape=(shape[1], shape[0]))[0]
+    d = mib_reader(str(path), lazy=True, navigation_shape=(shape[1], shape[0]), chunks=FRAME_CHUNKS)[0]
     data = d["data"].reshape(shape + (height, width))
     exposure = _mib_exposure_s(fields)
     notes = (f"exposure_s {exposure:g} from the frame header",) if exposure is not None else ()
@@ -334,7 +338,7 @@ def _open_emd(path: Path, spec: DataSpec) -> DetectorData:
     f = h5py.File(path, "r")
     key = _emd_key(f, path, spec.patterns)
     dset = f[key]
-    data = da.from_array(dset, chunks=dset.chunks or "auto")
+    data = da.from_array(dset, chunks=FRAME_CHUNKS[-dset.ndim:])
     n = int(np.prod(dset.shape[:-2]))
     file_shape = tuple(int(s) for s in dset.shape[:2]) if dset.ndim == 4 else None
     shape, shape_from = _scan_shape(spec, n, file_shape, "the dataset", f"{path}::{key}")

@@ -7,7 +7,7 @@ Steps, in this order, each optional and recorded in `Dataset.preprocessing`:
    mask, which weights the data term) and zeroed. A pixel is hot when its sum exceeds 4 × the second
    largest of its 8 neighbours plus a floor (4 × the median pixel sum, at least 1e-3 of the largest),
    dead when it is below 1/4 of the second smallest neighbour while all its neighbours are bright
-   (≥ the median pixel sum). The second neighbour makes pairs of bad pixels count as well, and a pixel
+   (≥ 4 × the median pixel sum: dead pixels matter, and can be told from noise, in bright regions). The second neighbour makes pairs of bad pixels count as well, and a pixel
    on the bright-field edge always has a bright neighbour on both sides of the test, so edges are never hit;
 3. `center`: `auto` takes the mean pattern (or the vacuum pattern when given), its centre of mass,
    then refines it by a least-squares fit of a soft-edged disk (centre, radius, edge width, levels);
@@ -158,7 +158,7 @@ def bad_pixels(total: np.ndarray, ratio: float = HOT_RATIO) -> tuple[np.ndarray,
     median = float(np.median(positive)) if positive.size else 0.0
     floor = max(ratio * median, 1e-3 * float(total.max()))
     hot = total > ratio * second_high + floor
-    dead = (total < second_low / ratio) & (neighbours[0] >= median) & (median > 0)
+    dead = (total < second_low / ratio) & (neighbours[0] >= ratio * median) & (median > 0)
     return hot, dead
 
 
