@@ -138,14 +138,15 @@ def _open_detector(path: Path, spec: DataSpec, kind: str) -> _Source:
     """A detector file (recon.detectors): lazy (sy, sx, ky, kx) patterns and the file's metadata."""
     det = open_detector(path, spec, kind)
     m = det.meta
-    positions = None
-    if m.scan_step_A is not None:
+    positions = _aux_array(spec.positions, "data.positions", None, path)
+    if positions is None and m.scan_step_A is not None:
         iy, ix = np.meshgrid(np.arange(det.patterns.shape[0]), np.arange(det.patterns.shape[1]), indexing="ij")
         positions = np.stack([iy.ravel(), ix.ravel()], axis=1) * m.scan_step_A
     mask = _aux_array(spec.detector_mask, "data.detector_mask", None, path)
     meta = {"energy_eV": m.energy_eV, "semiangle_mrad": m.semiangle_mrad, "defocus_A": m.defocus_A,
             "dk_invA": m.resolved_dk_invA(), "total_thickness_A": None}
-    src = _make_source(det.patterns, positions, m.scan_step_A, mask, meta, det.source, spec)
+    step = m.scan_step_A if spec.positions is None else None
+    src = _make_source(det.patterns, positions, step, mask, meta, det.source, spec)
     return _with(src, kind, _aux_array(spec.vacuum, "data.vacuum", None, path))
 
 

@@ -152,6 +152,14 @@ def test_mib_loads_centred(mib):
     assert mask[:2].sum() == 0 and mask[:, -2:].sum() == 0 and mask[2:, :-2].all()
 
 
+def test_detector_positions_from_the_plan(mib, tmp_path):
+    path, dp = mib
+    positions = np.random.default_rng(3).uniform(10, 20, (SY * SX, 2))
+    np.save(tmp_path / "pos.npy", positions)
+    d = load_dataset(DataSpec(path=str(path), positions=str(tmp_path / "pos.npy")))
+    np.testing.assert_array_equal(d.positions_yx_A, positions)
+
+
 def test_mib_scan_shape_sources(mib, tmp_path):
     path, dp = mib
     path.with_suffix(".hdr").unlink()
