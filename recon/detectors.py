@@ -45,6 +45,11 @@ from rsciio.utils.file import memmap_distributed
 
 from .plan import DataSpec, PlanError
 
+try:  # registers the HDF5 filters (bitshuffle, LZ4) of compressed Arina data; pip install -e '.[arina]'
+    import hdf5plugin  # noqa: F401
+except ImportError:  # uncompressed Arina/EMD files read without it
+    hdf5plugin = None
+
 DETECTOR_FORMATS = ("empad", "mib", "dm", "arina", "emd")
 #: dask chunks: whole frames, blocks of scan positions of dask's default chunk size (~128 MiB)
 FRAME_CHUNKS = ("auto", "auto", -1, -1)
@@ -285,6 +290,9 @@ def _open_arina(path: Path, spec: DataSpec) -> DetectorData:
             raise PlanError(f"{path}: data.path: /entry/data/{key} cannot be opened (missing linked data file?)")
         if dset.ndim != 3:
             raise PlanError(f"{path}: data.patterns: /entry/data/{key} has shape {dset.shape}, expected (n, ky, kx)")
+        if dset.compression is None and hdf5plugin is None and dset.id.get_create_plist().get_nfilters():
+            raise PlanError(f"{path}: data.path: /entry/data/{key} is compressed with an HDF5 filter plugin; "
+                            f"install hdf5plugin (pip install -e '.[arina]')")
         chunks.append(da.from_array(dset, chunks=(min(64, dset.shape[0]),) + dset.shape[1:]))
     if not chunks:
         raise PlanError(f"{path}: data.path: no /entry/data/data_* datasets")
