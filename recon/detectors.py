@@ -436,9 +436,9 @@ def _rsciio_meta(d: dict, fmt: str) -> DetectorMeta:
     """Calibration from rsciio's axes and metadata, plus energy/camera length/exposure tags."""
     values: dict[str, float] = {}
     notes: list[str] = []
-    axes = list(d.get("axes", []))
-    nav = [a for a in axes if a.get("navigate")]
-    sig = [a for a in axes if not a.get("navigate", False)]
+    axes = sorted(d.get("axes", []), key=lambda a: a.get("index_in_array", 0))
+    n_nav = max(0, len(axes) - 2)                 # (…, ky, kx): the last two axes are the detector's
+    nav, sig = axes[:n_nav], axes[n_nav:]
     if nav:
         factor = _LENGTH_A.get(str(nav[-1].get("units") or ""))
         if factor:

@@ -1,7 +1,7 @@
 """`tune inspect DATA` and `tune init DATA -o study.yml`: what a data file holds, and a starter study.
 
 `inspect_data` reads the file the way a reconstruction would (format detection, metadata,
-preprocessing; a strided subset of at most ~1024 positions so that large scans stay quick) and
+preprocessing; at most a central block of 32 × 32 positions, so that large scans stay quick) and
 returns an `Inspection`; `format_inspection` prints it; `starter_study` turns it into a study file
 with the nominal optics, a search over defocus, scan rotation, learning rates and regularisation,
 and the truth-free objective `heldout_loss`. Values the file lacks come from `--set key=value`
@@ -80,8 +80,9 @@ def inspect_data(path: str | Path, settings: dict[str, Any] | None = None) -> In
     kind = detect_format(path, spec.format)
     shape, dtype, grid, grid_from, meta = _describe(path, spec, kind)
     n = int(np.prod(shape[:-2]))
-    step = max(1, math.ceil(math.sqrt(n / MAX_POSITIONS)))
-    subset = {"mode": "sub", "step": step} if step > 1 and grid is not None else {"mode": "full"}
+    side = int(math.sqrt(MAX_POSITIONS))
+    big = grid is not None and n > MAX_POSITIONS   # a central block: reads only the chunks (scan rows) it needs
+    subset = {"mode": "center", "shape": [min(side, grid[0]), min(side, grid[1])]} if big else {"mode": "full"}
     ds = load_dataset(spec.model_copy(update={"subset": spec.subset.model_validate(subset)}))
     values, origin = _values(ds, plan_values, spec)
     notes = meta.notes if meta is not None else ()
