@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import struct
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ import h5py
 import numpy as np
 from rsciio.digitalmicrograph import file_reader as dm_reader
 from rsciio.empad import file_reader as empad_reader
+from rsciio.exceptions import (ByteOrderError, DM3DataTypeError, DM3FileVersionError, DM3TagError, DM3TagIDError,
+                               DM3TagTypeError)
 from rsciio.quantumdetector import file_reader as mib_reader
 from rsciio.utils.file import memmap_distributed
 
@@ -142,7 +145,11 @@ def open_detector(path: Path, spec: DataSpec, fmt: str) -> DetectorData:
         det = readers[fmt](path, spec)
     except PlanError:
         raise
-    except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError, UnicodeDecodeError) as err:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError, UnicodeDecodeError, EOFError,
+            NotImplementedError, struct.error, ByteOrderError, DM3DataTypeError, DM3FileVersionError, DM3TagError,
+            DM3TagIDError, DM3TagTypeError) as err:
+        if isinstance(err, (struct.error, EOFError)):
+            raise PlanError(f"{path}: data.path: the {fmt} file ends early (truncated?): {_one_line(err)}") from None
         raise PlanError(f"{path}: data.path: cannot read as {fmt} ({_one_line(err)}); "
                         f"check the file or set data.format") from None
     _check_dtype(det.patterns.dtype, det.source)
@@ -271,6 +278,10 @@ def _open_dm(path: Path, spec: DataSpec) -> DetectorData:
         raise PlanError(f"{path}: data.path: no 3D or 4D image in this DM file")
     d = max(dicts, key=lambda d: d["data"].size)
     data = d["data"]
+    stored = d.get("original_metadata", {}).get("ImageList", {}).get("TagGroup0", {}).get("ImageData", {}).get("Data")
+    if isinstance(stored, dict) and stored.get("offset", 0) + stored.get("size_bytes", 0) > path.stat().st_size:
+        raise PlanError(f"{path}: data.path: truncated: the image data needs {stored['size_bytes']} bytes from "
+                        f"offset {stored['offset']}, the file has {path.stat().st_size}")
     n = int(np.prod(data.shape[:-2]))
     file_shape = tuple(int(s) for s in data.shape[:2]) if data.ndim == 4 else None
     shape, shape_from = _scan_shape(spec, n, file_shape, "the DM file", str(path))
@@ -452,14 +463,16 @@ def _rsciio_meta(d: dict, fmt: str) -> DetectorMeta:
         elif units in ("mrad", "rad"):
             values["angle_px_mrad"] = scale * (1e3 if units == "rad" else 1.0)
             notes.append(f"angle_px_mrad {values['angle_px_mrad']:.4g} from the detector axis ({units})")
-    tem = d.get("metadata", {}).get("Acquisition_instrument", {}).get("TEM", {})
+    flat = dict(_flatten(d.get("original_metadata", {})))
+    tem = {**d.get("metadata", {}).get("Acquisition_instrument", {}).get("TEM", {}),
+           **_mapped(d.get("mapping") or {}, flat, "Acquisition_instrument.TEM.")}
     for key, name, factor in (("beam_energy", "energy_eV", 1e3), ("convergence_angle", "semiangle_mrad", 1.0),
                               ("camera_length", "camera_length_m", 1e-3)):
         if isinstance(tem.get(key), (int, float)) and tem[key] > 0:
             values[name] = float(tem[key]) * factor
             notes.append(f"{name} {values[name]:.6g} from metadata TEM.{key}")
-    flat = dict(_flatten(d.get("original_metadata", {})))
     for name, pattern, convert in (("energy_eV", r"high_?voltage|accelerating_?voltage|beam_?energy", _volts),
+                                   ("semiangle_mrad", r"convergence_?(semi_?)?angle", float),
                                    ("camera_length_m", r"camera_?length", _metres),
                                    ("exposure_s", r"exposure|dwell_?time|frame_?time", _seconds)):
         if name in values:
@@ -477,6 +490,21 @@ def _rsciio_meta(d: dict, fmt: str) -> DetectorMeta:
         notes.append(f"angle_px_mrad {values['angle_px_mrad']:.4g} from the camera length and a "
                      f"{PIXEL_PITCH_M[fmt] * 1e6:g} µm pixel")
     return DetectorMeta(**values, notes=tuple(notes))
+
+
+def _mapped(mapping: dict, flat: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Apply rsciio's metadata mapping ({original key: (metadata key, function)}) for keys under `prefix`."""
+    by_key = {k.replace(" ", "_"): v for k, v in flat.items()}
+    out = {}
+    for source, (target, convert) in mapping.items():
+        value = by_key.get(source.replace(" ", "_"))
+        if value is None or not target.startswith(prefix):
+            continue
+        try:
+            out[target[len(prefix):]] = convert(value) if convert else value
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def _flatten(tree: Any, prefix: str = ""):

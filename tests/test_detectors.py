@@ -3,11 +3,13 @@
 EMPAD (.xml + float32 128×130 raw frames) and Merlin (.mib with 384-byte headers + .hdr) files are
 written by recon.detectors.write_empad / write_mib and read back through rsciio; Arina master files
 (external links to data files) and EMD/py4DSTEM files are written with h5py. Nothing here can write a
-Gatan DM3/DM4 file (rsciio only reads them), so the DM test is skipped; the metadata mapping of the
-DM path is tested on a dictionary shaped like rsciio's reader output.
+Gatan DM3/DM4 file (rsciio only reads them), so the test writes a minimal DM4 file itself, tag by tag
+in the layout rsciio's DigitalMicrographReader parses (checked against its source, not against a file
+from Gatan's software); the metadata mapping is also tested on a dictionary shaped like rsciio's output.
 """
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -260,9 +262,70 @@ def test_emd_py4dstem_by_key_and_auto(tmp_path):
 
 
 # --------------------------------------------------------------------------- Gatan DM3/DM4
-def test_dm_file():
-    pytest.skip("no DM3/DM4 file can be made here: rsciio only reads the format and no writer is installed; "
-                "the DM path is covered only by test_dm_metadata_mapping (reader output stubbed)")
+def _dm_tag(name: str, payload: bytes) -> bytes:
+    """A DM4 data tag: id 21, name, size, '%%%%', then the info array and the value (rsciio's parser)."""
+    raw = name.encode()
+    return struct.pack(">BH", 21, len(raw)) + raw + struct.pack(">Q", len(payload) + 4) + b"%%%%" + payload
+
+
+def _dm_group(name: str, tags: list[bytes]) -> bytes:
+    """A DM4 tag group: id 20, name, sorted, open, size, number of tags, the tags."""
+    raw, body = name.encode(), b"".join(tags)
+    return struct.pack(">BH", 20, len(raw)) + raw + struct.pack(">BBQQ", 0, 1, len(body), len(tags)) + body
+
+
+def _dm_number(value: float, etype: int) -> bytes:
+    return struct.pack(">QQ", 1, etype) + struct.pack({3: "<i", 5: "<I", 6: "<f", 7: "<d"}[etype], value)
+
+
+def _dm_array(raw: bytes, eltype: int, length: int) -> bytes:
+    return struct.pack(">QQQQ", 3, 20, eltype, length) + raw
+
+
+def _dm_string(text: str) -> bytes:
+    return _dm_array(np.array([ord(c) for c in text], "<u2").tobytes(), 4, len(text))
+
+
+def write_dm4(path: Path, data: np.ndarray, scales: list[tuple[float, str]], tags: list[bytes]) -> Path:
+    """A minimal DM4 file: one (sy, sx, ky, kx) uint16 image, calibrations in DM order (x first)."""
+    dims = data.shape[::-1]
+    calib = [_dm_group("", [_dm_tag("Origin", _dm_number(0.0, 6)), _dm_tag("Scale", _dm_number(scale, 6)),
+                            _dm_tag("Units", _dm_string(units))]) for scale, units in scales[::-1]]
+    image_data = _dm_group("ImageData", [
+        _dm_group("Calibrations", [_dm_group("Brightness", [_dm_tag("Origin", _dm_number(0.0, 6)),
+                                                           _dm_tag("Scale", _dm_number(1.0, 6)),
+                                                           _dm_tag("Units", _dm_string(""))]),
+                                   _dm_group("Dimension", calib)]),
+        _dm_tag("Data", _dm_array(np.ascontiguousarray(data, "<u2").tobytes(), 4, data.size)),
+        _dm_tag("DataType", _dm_number(10, 3)),
+        _dm_group("Dimensions", [_dm_tag("", _dm_number(n, 5)) for n in dims]),
+        _dm_tag("PixelDepth", _dm_number(2, 3))])
+    image = _dm_group("", [image_data, _dm_group("ImageTags", tags), _dm_tag("Name", _dm_string("scan"))])
+    body = struct.pack(">BBQ", 0, 1, 1) + _dm_group("ImageList", [image]) + b"\x00" * 8
+    path.write_bytes(struct.pack(">IQI", 4, len(body), 1) + body)
+    return path
+
+
+def test_dm4_file_written_in_the_tag_layout_rsciio_parses(tmp_path):
+    dp = _disk_patterns(32, (17.0, 15.0)).astype(np.uint16)
+    tags = [_dm_group("Microscope Info", [_dm_tag("Voltage", _dm_number(300e3, 7)),
+                                          _dm_tag("Illumination Mode", _dm_string("STEM")),
+                                          _dm_tag("STEM Camera Length", _dm_number(100.0, 6))])]
+    path = write_dm4(tmp_path / "scan.dm4", dp, [(0.025, "nm"), (0.025, "nm"), (0.4, "1/nm"), (0.4, "1/nm")], tags)
+    assert detectors.detect_format(path) == "dm"
+    det = detectors.open_detector(path, DataSpec(path=str(path)), "dm")
+    assert isinstance(det.patterns, da.Array)
+    np.testing.assert_array_equal(np.asarray(det.patterns), dp)
+    assert det.meta.camera_length_m == pytest.approx(0.1)
+    d = load_dataset(DataSpec(path=str(path)))
+    assert (d.energy_eV, d.scan_step_A, d.dk_invA) == (300e3, pytest.approx(0.25), pytest.approx(0.04))
+    assert d.scan_shape == (SY, SX) and d.preprocessing["shift_yx_px"] == [-1, 1]
+    data = path.read_bytes()
+    path.write_bytes(data[:-5000])                                     # cut (DM files hold tags after the image)
+    msg = _one_line_error(DataSpec(path=str(path)))
+    assert str(path) in msg and "truncated" in msg
+    path.write_bytes(b"\x00\x00\x00\x07" + data[4:])                    # DM version 7
+    assert "cannot read as dm" in _one_line_error(DataSpec(path=str(path)))
 
 
 def test_dm_metadata_mapping(monkeypatch, tmp_path):
