@@ -131,7 +131,7 @@ def _open_npy(path: Path, spec: DataSpec) -> _Source:
     positions = _aux_array(spec.positions, "data.positions", None, path)
     mask = _aux_array(spec.detector_mask, "data.detector_mask", None, path)
     src = _make_source(patterns, positions, None, mask, {}, str(path), spec)
-    return _with(src, "npy", _aux_array(spec.vacuum, "data.vacuum", None, path))
+    return _with(src, "npy", _aux_array(_beside(path, spec.vacuum), "data.vacuum", None, path))
 
 
 def _open_detector(path: Path, spec: DataSpec, kind: str) -> _Source:
@@ -147,7 +147,14 @@ def _open_detector(path: Path, spec: DataSpec, kind: str) -> _Source:
             "dk_invA": m.resolved_dk_invA(), "total_thickness_A": None}
     step = m.scan_step_A if spec.positions is None else None
     src = _make_source(det.patterns, positions, step, mask, meta, det.source, spec)
-    return _with(src, kind, _aux_array(spec.vacuum, "data.vacuum", None, path))
+    return _with(src, kind, _aux_array(_beside(path, spec.vacuum), "data.vacuum", None, path))
+
+
+def _beside(path: Path, value: str | None) -> str | None:
+    """A relative .npy path (data.vacuum) is relative to the data file's folder."""
+    if value and value.endswith(".npy") and not Path(value).expanduser().is_absolute():
+        return str(path.parent / value)
+    return value
 
 
 def _with(src: _Source, kind: str, vacuum: np.ndarray | None) -> _Source:
@@ -165,7 +172,7 @@ def _open_hdf5(f: h5py.File, path: Path, spec: DataSpec) -> _Source:
     mask = _aux_array(spec.detector_mask, "data.detector_mask", f, path)
     src = _make_source(patterns, positions, step, mask, _hdf5_metadata(f, patterns.shape[-1]),
                        f"{path}::{spec.patterns}", spec)
-    return _with(src, "hdf5", _aux_array(spec.vacuum, "data.vacuum", f, path))
+    return _with(src, "hdf5", _aux_array(_beside(path, spec.vacuum), "data.vacuum", f, path))
 
 
 def _aux_array(value: str | None, key: str, f: h5py.File | None, path: Path) -> np.ndarray | None:

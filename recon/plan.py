@@ -73,7 +73,8 @@ class DataSpec(_Frozen):
     descan: bool = Field(False, description="also undo a linear drift of the disk centre over the scan")
     normalize: Literal["none", "mean", "vacuum"] = Field(
         "none", description="divide patterns by the mean total intensity, or by the vacuum pattern's total")
-    vacuum: str | None = Field(None, description="vacuum pattern (ky, kx): .npy or HDF5 path in the same file")
+    vacuum: str | None = Field(None, description="vacuum pattern (ky, kx) on the detector: .npy (relative to the "
+                               "data file) or HDF5 path in the same file; centring and normalize: vacuum")
     crop_px: int | None = Field(None, ge=4, description="crop patterns to this size around the zero frequency")
     bin: int = Field(1, ge=1, description="sum bin × bin detector pixels")
     subset: SubsetSpec = SubsetSpec()

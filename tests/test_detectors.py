@@ -393,6 +393,19 @@ def test_normalise_and_wrapped_and_calibration():
     assert dk_from_disk(10.08, 21.0, detectors.wavelength_A(80e3)) == pytest.approx(0.049898, rel=2e-3)  # mos2_1l
 
 
+def test_vacuum_pattern_centres_and_normalises(mib, tmp_path):
+    path, dp = mib
+    vacuum = _disk_patterns(32, (14.0, 18.0), counts=1000.0, shape=(1, 1))[0, 0]
+    np.save(tmp_path / "vacuum.npy", vacuum)
+    d = load_dataset(DataSpec(path=str(path), vacuum="vacuum.npy", normalize="vacuum"))
+    assert d.preprocessing["center_from"] == "vacuum pattern" and d.preprocessing["shift_yx_px"] == [2, -2]
+    assert d.preprocessing["normalized_by"] == pytest.approx(vacuum.sum())
+    mask = d.detector_mask
+    np.testing.assert_allclose((d.patterns * mask).sum(axis=(1, 2)),
+                               (np.fft.ifftshift(np.roll(dp.reshape(-1, 32, 32), (2, -2), (1, 2)), axes=(1, 2)) * mask
+                                ).sum(axis=(1, 2)) / vacuum.sum(), rtol=1e-5)
+
+
 def test_native_files_are_untouched_unless_asked(tmp_path):
     dp = _disk_patterns(32, (16.0, 17.0))
     np.save(tmp_path / "dp.npy", dp)
