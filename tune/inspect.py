@@ -93,6 +93,8 @@ def inspect_data(path: str | Path, settings: dict[str, Any] | None = None) -> In
     data_out = {"format": kind} if kind in DETECTOR_FORMATS else {}
     if kind in ("hdf5", "emd") and "dp" not in ds.source.split("::")[-1:]:
         data_out["patterns"] = ds.source.split("::")[-1]
+    if kind == "arina":
+        data_out["patterns"] = "entry/data"   # not read (the reader takes every data_* under it); names the group
     data_out.update(data_keys)
     return Inspection(path, kind, tuple(int(s) for s in shape), str(dtype), grid, grid_from, data_out, values,
                       origin, tuple(notes), dict(ds.preprocessing), len(ds.patterns), float(totals.mean()),
@@ -234,6 +236,9 @@ def starter_study(ins: Inspection, study_path: Path, name: str | None = None, n_
               f"# Nominal optics: {origin or 'none from the file'}.\n"
               + ("# probe.defocus_A is not in the file: the search is centred on 0 Å; narrow it if you know it.\n"
                  if defocus is None else "")
+              + (f"# Patterns are {ins.shape[-1]} px wide (bright-field radius {ins.bf_radius_px:.1f} px): "
+                 f"data.crop_px / data.bin make trials cheaper, at the cost of the outer angles.\n"
+                 if ins.shape[-1] > 96 and ins.bf_radius_px else "")
               + "# No ground truth: trials are scored by the held-out data loss (10 % of positions).\n"
                 "#   tune start THIS.yml  →  tune best THIS.yml -o best.yml  →  tune recon best.yml\n")
     return header + yaml.safe_dump(study, sort_keys=False)
