@@ -25,6 +25,8 @@ Hyperparameter optimisation for electron ptychography.
   tune report study.yml                    CSV of all trials and one HTML dashboard
   tune dashboard study.yml                 optuna-dashboard with per-trial images
   tune score ...                           score a result against ground truth
+  tune inspect DATA                        what a data file holds and what a plan must still set
+  tune init DATA -o study.yml              a starter study for your own data (no ground truth needed)
 
 Run `tune COMMAND --help` for the options of each command."""
 
@@ -92,6 +94,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="HDF5 dataset of the true phase for --score (default ground_truth/phase_sum)")
     c.add_argument("--roi", choices=("scan", "full"), default="scan", help="--score: region scored (default scan)")
     c.add_argument("--margin-A", type=float, default=0.0, metavar="A", help="--score: margin around the scan in Å")
+
+    c = sub.add_parser("inspect", help="show what a data file holds and what a plan must still set",
+                       description="Read a data file as a reconstruction would (detector formats: EMPAD .xml, "
+                                   "Merlin .mib, Gatan .dm3/.dm4, Arina, EMD/py4DSTEM; or HDF5/.npy) and print its "
+                                   "shape, dtype, calibration, disk centre and spread, counts and missing plan keys.")
+    c.add_argument("data", metavar="DATA", help="the data file")
+    c.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="a data.* key (data.format=mib, data.scan_shape=[64,64]) or a known value "
+                        "(probe.energy_eV, probe.semiangle_mrad, probe.defocus_A, detector.dk_invA, scan.step_A)")
+
+    c = sub.add_parser("init", help="write a starter study for a data file",
+                       description="Inspect DATA and write a study: nominal optics from the file (and --set), a "
+                                   "search over defocus, scan rotation, learning rates and TV, objective heldout_loss.")
+    c.add_argument("data", metavar="DATA", help="the data file")
+    c.add_argument("-o", "--output", type=Path, required=True, metavar="STUDY", help="study file to write")
+    c.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="as for tune inspect, e.g. --set probe.semiangle_mrad=21 --set scan.step_A=0.5")
+    c.add_argument("--name", help="study name (default: from the file name)")
+    c.add_argument("--trials", type=_positive, default=40, metavar="N", help="n_trials (default 40)")
+    c.add_argument("--iterations", type=_positive, default=30, metavar="N", help="iterations per trial (default 30)")
 
     sub.add_parser("score", help="score a result against ground truth (see tune score --help)", add_help=False)
     return p
@@ -191,9 +213,26 @@ def _recon(args: argparse.Namespace) -> int:
                     scoring=scoring, ground_truth=args.ground_truth)
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from recon.plan import parse_overrides
+    from tune.inspect import format_inspection, inspect_data
+
+    print(format_inspection(inspect_data(args.data, parse_overrides(args.settings))))
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from recon.plan import parse_overrides
+    from tune.inspect import inspect_data, write_starter_study
+
+    ins = inspect_data(args.data, parse_overrides(args.settings))
+    print(write_starter_study(ins, args.output, name=args.name, n_trials=args.trials, iterations=args.iterations))
+    return 0
+
+
 COMMANDS: dict[str, Any] = {
     "start": _start, "worker": _worker, "status": _status, "best": _best, "report": _report,
-    "dashboard": _dashboard, "recon": _recon,
+    "dashboard": _dashboard, "recon": _recon, "inspect": _inspect, "init": _init,
 }
 
 
