@@ -17,8 +17,8 @@ import optuna
 from optuna import pruners, samplers
 
 from recon.plan import PlanError
+from tune.schema import PrunerSpec, SamplerSpec
 from tune.space import SearchParam, grid
-from tune.study import PrunerSpec, SamplerSpec
 
 SAMPLERS: dict[str, Any] = {
     "tpe": samplers.TPESampler, "gp": samplers.GPSampler, "cmaes": samplers.CmaEsSampler,
