@@ -296,10 +296,11 @@ def get(url: str, deadline: float) -> bytes:
             time.sleep(0.2)
 
 
+@pytest.mark.slow  # a server process
 def test_dashboard_serves_studies_and_artifacts(tmp_path: Path) -> None:
     url = build_study(tmp_path, ["minimize"], [TrialState.COMPLETE, TrialState.COMPLETE])
     trial = optuna.load_study(study_name="s", storage=url).trials[1]
-    artifact_id = trial.user_attrs["artifacts"]["phase_png"]
+    artifact_id = TrialRecord.read(trial).artifacts["phase_png"]
     port = free_port()
     code = f"from tune.dashboard import serve; serve({url!r}, {str(tmp_path / 'artifacts')!r}, port={port})"
     server = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE)

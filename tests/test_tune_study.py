@@ -18,6 +18,7 @@ from optuna.trial import TrialState, create_trial
 from recon.plan import PlanError
 from tune import budget
 from tune.launch import worker_slots
+from tune.record import TrialRecord
 from tune.strategy import build_pruner, build_sampler, worker_seed
 from tune.study import load_study, storage_url
 
@@ -171,8 +172,11 @@ def test_storage_urls_resolve_beside_the_study_file(tmp_path):
     assert storage_url("postgresql://u@h/db", study).endswith("://u@h/db")  # with a driver that is installed
 
 
-@pytest.mark.parametrize("name", ["tpe", "cmaes", "random", "qmc", "nsga2", "grid", "gp"])
-def test_every_sampler_builds(tmp_path, name):
+@pytest.mark.parametrize("name, cls", [
+    ("tpe", "TPESampler"), ("cmaes", "CmaEsSampler"), ("random", "RandomSampler"), ("qmc", "QMCSampler"),
+    ("nsga2", "NSGAIISampler"), ("grid", "GridSampler"), ("gp", "GPSampler"),
+])
+def test_every_sampler_builds(tmp_path, name, cls):
     if name == "gp":
         pytest.importorskip("torch", reason="the gp sampler needs PyTorch")
     if name == "cmaes":
@@ -181,20 +185,22 @@ def test_every_sampler_builds(tmp_path, name):
     text = with_search(search).replace("n_trials: 4}", f"n_trials: 4, sampler: {{name: {name}, seed: 3}}}}")
     config = load_study(write(tmp_path, text))
     sampler = build_sampler(config.spec.study.sampler, config.params, 1)
-    assert isinstance(sampler, optuna.samplers.BaseSampler)
+    assert type(sampler).__name__ == cls
     if name == "grid":
         assert config.budget == 4  # 3 defocus values x 2 noise models = 6 > n_trials
 
 
-@pytest.mark.parametrize("pruner", [
-    "{name: none}", "{name: median, options: {n_startup_trials: 2}}", "{name: percentile, options: {percentile: 25}}",
-    "{name: successive_halving}", "{name: hyperband, options: {min_resource: 2}}", "{name: wilcoxon}",
-    "{name: threshold, options: {upper: 1.0}}", "{name: patient, options: {patience: 2}, wrapped: {name: median}}",
+@pytest.mark.parametrize("pruner, cls", [
+    ("{name: none}", "NopPruner"), ("{name: median, options: {n_startup_trials: 2}}", "MedianPruner"),
+    ("{name: percentile, options: {percentile: 25}}", "PercentilePruner"),
+    ("{name: successive_halving}", "SuccessiveHalvingPruner"), ("{name: hyperband, options: {min_resource: 2}}", "HyperbandPruner"),
+    ("{name: wilcoxon}", "WilcoxonPruner"), ("{name: threshold, options: {upper: 1.0}}", "ThresholdPruner"),
+    ("{name: patient, options: {patience: 2}, wrapped: {name: median}}", "PatientPruner"),
 ])
-def test_every_pruner_builds(tmp_path, pruner):
+def test_every_pruner_builds(tmp_path, pruner, cls):
     text = with_search("{recon.probe.defocus_A: {low: 1, high: 3}}").replace("n_trials: 4}", f"n_trials: 4, pruner: {pruner}}}")
     config = load_study(write(tmp_path, text))
-    assert isinstance(build_pruner(config.pruner), optuna.pruners.BasePruner)
+    assert type(build_pruner(config.pruner)).__name__ == cls
 
 
 def test_multi_objective_defaults_to_no_pruning(tmp_path):
@@ -220,7 +226,7 @@ def test_worker_slots_spread_over_devices():
 def _trial(number: int, state: TrialState, **system_attrs) -> optuna.trial.FrozenTrial:
     values = {"value": 1.0} if state == TrialState.COMPLETE else {}
     t = create_trial(state=state, **values, system_attrs=system_attrs,
-                     user_attrs={"surplus": True} if system_attrs.pop("surplus", False) else {})
+                     user_attrs=TrialRecord(surplus=system_attrs.pop("surplus", False)).model_dump(exclude_defaults=True))
     t.number = number
     return t
 
