@@ -151,11 +151,11 @@ def timing_table(trials: Sequence[FrozenTrial]) -> pd.DataFrame:
         row: dict[str, Any] = {"worker": label, "trials": len(records)}
         counts = [r.compile_count for r in records if r.compile_count is not None]
         row["compilations"] = max(counts) if counts else None
-        for name, seconds in (("compile_s", [r.compile_s for r in records]), ("run_s", [r.run_s for r in records]),
-                              ("score_s", [r.score_s for r in records])):
+        for step, seconds in (("compile", [r.compile_s for r in records]), ("run", [r.run_s for r in records]),
+                              ("score", [r.score_s for r in records])):
             known = [float(s) for s in seconds if s is not None]
-            row[f"{name} total"] = round(sum(known), 2) if known else None
-            row[f"{name} median"] = round(statistics.median(known), 3) if known else None
+            row[f"{step} total"] = round(sum(known), 2) if known else None
+            row[f"{step} median"] = round(statistics.median(known), 3) if known else None
         rows.append(row)
     return pd.DataFrame(rows)
 
