@@ -19,8 +19,11 @@ from recon.plan import PlanError
 from tune import budget
 from tune.launch import worker_slots
 from tune.record import TrialRecord
+from tune.space import suggest
+from tune.storage import open_storage
 from tune.strategy import build_pruner, build_sampler, worker_seed
 from tune.study import load_study, storage_url
+from tune.worker import join_study
 
 GOOD = """\
 study: {name: s1, n_trials: 4}
@@ -184,7 +187,7 @@ def test_every_sampler_builds(tmp_path, name, cls):
     search = "{recon.probe.defocus_A: {low: -100, high: 0, step: 50}, recon.noise_model.name: {choices: [amplitude, poisson]}}"
     text = with_search(search).replace("n_trials: 4}", f"n_trials: 4, sampler: {{name: {name}, seed: 3}}}}")
     config = load_study(write(tmp_path, text))
-    sampler = build_sampler(config.spec.study.sampler, config.params, 1)
+    sampler = build_sampler(config.spec.study.sampler, config.params, 1, 0)
     assert type(sampler).__name__ == cls
     if name == "grid":
         assert config.budget == 4  # 3 defocus values x 2 noise models = 6 > n_trials
@@ -210,9 +213,24 @@ def test_multi_objective_defaults_to_no_pruning(tmp_path):
 
 
 def test_worker_seeds_differ_and_are_reproducible():
-    seeds = [worker_seed(7, i) for i in range(4)]
-    assert len(set(seeds)) == 4 and seeds == [worker_seed(7, i) for i in range(4)]
-    assert worker_seed(None, 0) is None and worker_seed(7, None) != worker_seed(7, None)
+    seeds = [worker_seed(7, i, 0) for i in range(4)]
+    assert len(set(seeds)) == 4 and seeds == [worker_seed(7, i, 0) for i in range(4)]
+    assert worker_seed(7, 0, 0) != worker_seed(7, 0, 12)  # a worker started again on a resumed study
+    assert worker_seed(None, 0, 0) is None and worker_seed(7, None, 0) != worker_seed(7, None, 0)
+
+
+def test_a_worker_started_again_draws_new_settings(tmp_path):
+    """Ctrl-C and `tune start` again: the new worker 0 must not replay the first worker 0's samples."""
+    config = load_study(write(tmp_path, GOOD))
+    storage = open_storage(config.storage_url)
+    drawn = []
+    for _start in range(2):
+        study = join_study(config, storage, 0)
+        for _ in range(3):
+            trial = study.ask()
+            drawn.append(tuple(suggest(trial, config.params).values()))
+            study.tell(trial, 1.0)
+    assert len(set(drawn)) == len(drawn) == 6
 
 
 def test_worker_slots_spread_over_devices():

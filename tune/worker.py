@@ -66,6 +66,15 @@ def ensure_data(config: StudyConfig) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def join_study(config: StudyConfig, storage: optuna.storages.BaseStorage, index: int | None) -> optuna.Study:
+    """The study (created if needed) with the pruner and this worker's sampler, seeded anew at
+    every start from the trials already stored (`tune.strategy.worker_seed`)."""
+    study = create_or_load(config, storage, pruner=build_pruner(config.pruner))
+    stored = len(study.get_trials(deepcopy=False))
+    study.sampler = build_sampler(config.spec.study.sampler, config.params, index, stored)
+    return study
+
+
 def run_worker(config: StudyConfig, index: int | None, device: str,
                log: Callable[[str], None] = lambda line: print(line, flush=True)) -> int:
     """Run trials until the budget is used; returns the exit status (0, or 130/143 if stopped)."""
@@ -80,7 +89,7 @@ def run_worker(config: StudyConfig, index: int | None, device: str,
         check_data(config)
         s = config.spec.study
         storage = open_storage(config.storage_url, s.heartbeat_interval_s, config.grace_period_s, s.max_retries)
-        study = create_or_load(config, storage, build_sampler(s.sampler, config.params, index), build_pruner(config.pruner))
+        study = join_study(config, storage, index)
         objective = Objective(config, WorkerInfo.here(index, device), config.budget)
         log(f"{name}: joined study {config.name} on {device}")
         _work(study, objective, config, lambda t: log(f"{name}: {describe_trial(t)}"))
