@@ -15,7 +15,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from recon.plan import PlanError
+from recon.plan import Plan, PlanError
 from tune import budget
 from tune.launch import worker_slots
 from tune.record import TrialRecord
@@ -115,6 +115,17 @@ def test_validation_errors_name_the_key(tmp_path, text, expected):
     message = str(err.value)
     assert "\n" not in message and message.startswith(str(path)), message
     assert expected in message, message
+
+
+def test_a_partial_group_keeps_the_plan_defaults(tmp_path):
+    """optimizers.object: {name: adam, learning_rate: 0.05} must not turn the cosine schedule into constant."""
+    extra = ("recon: {optimizers: {object: {name: adam, learning_rate: 0.05}},"
+             " constraints: {position_recentering: {start: 5}}}")
+    config = load_study(write(tmp_path, with_search("{recon.probe.defocus_A: {low: 1, high: 3}}", extra)))
+    plan, default = config.base_plan, Plan.model_validate({"data": {"path": "x.h5"}})
+    assert plan.optimizers.object == default.optimizers.object.model_copy(update={"learning_rate": 0.05})
+    assert plan.optimizers.object.schedule == "cosine" and plan.optimizers.probe == default.optimizers.probe
+    assert plan.constraints.position_recentering.enabled and plan.constraints.position_recentering.start == 5
 
 
 def test_missing_data_file_and_keys_are_reported(tmp_path):
