@@ -86,7 +86,9 @@ def test_several_workers_finish_exactly_the_budget(tmp_path, tiny_data_path):
     trials = study.get_trials()
     counts = budget.count(trials)
     assert counts.complete + counts.pruned == 12 and counts.failed == 0 and counts.running == 0
-    assert counts.finished == 12 and len(trials) - counts.surplus == 12  # overshoot only as surplus, never run
+    # overshoot only as surplus, never run (a trial re-queued when a loaded machine let its heartbeat lapse is
+    # replaced by its re-run)
+    assert counts.finished == 12 and len(trials) - counts.surplus - counts.requeued == 12
     assert all(t.state == TrialState.FAIL for t in trials if budget.is_surplus(t))
     assert counts.surplus <= 3
 
