@@ -22,6 +22,21 @@ class PlanError(ValueError):
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_group_defaults(cls, data: Any) -> Any:
+        """A group given in part keeps what its default sets: `optimizers.object: {learning_rate:
+        0.05}` keeps the object's cosine schedule instead of the optimiser class's constant one."""
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, value in data.items():
+            field = cls.model_fields.get(name)
+            default = field.default if field is not None else None
+            if isinstance(value, dict) and isinstance(default, BaseModel) and default.model_fields_set:
+                merged[name] = {**default.model_dump(include=default.model_fields_set), **value}
+        return merged
+
 
 # --------------------------------------------------------------------------- data
 class SubsetSpec(_Frozen):
