@@ -1,6 +1,6 @@
-"""Score the shared ground truth against distorted copies of itself (not a test: reads shared data).
+"""Score a dataset's ground truth against distorted copies of itself (not a test: reads your data files).
 
-    .venv/bin/python benchmarks/metrics_groundtruth.py [DATA.h5 ...] [--out DIR]
+    .venv/bin/python benchmarks/metrics_groundtruth.py DATA.h5 [DATA.h5 ...] [--out DIR]   # e.g. mos2_1l.h5
 
 For each dataset: (1) the truth shifted on its periodic grid by a sub-pixel amount, scaled 0.9 and
 given an offset and ramp, on the truth's own grid; (2) the same written as a 3-slice recon result
@@ -27,7 +27,6 @@ from metrics import GroundTruth, Scorer
 from metrics.cli import score_main
 from metrics.figure import save_score_figure
 
-DEFAULT_DATA = [Path(__file__).resolve().parents[2] / "shared" / "data" / "mos2_1l.h5"]
 SHIFT_PX = (0.37, -1.73)
 
 
@@ -106,7 +105,7 @@ def run(path: Path, out_dir: Path) -> bool:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", nargs="*", type=Path, default=DEFAULT_DATA)
+    p.add_argument("data", nargs="+", type=Path, help="dataset files with a ground truth, e.g. mos2_1l.h5")
     p.add_argument("--out", type=Path, default=Path("out/metrics"))
     args = p.parse_args()
     results = [run(path, args.out) for path in args.data]

@@ -6,10 +6,11 @@ or plain arrays.
 
 from .errors import ScoringError
 from .frc import FRCCurve, frc, half_bit_threshold
-from .io import GroundTruth, Reconstruction, final_data_loss, heldout_loss, load_reconstruction
-from .scorer import Alignment, ScoreOptions, Scorer, ScoreReport, align, score
+from .io import GROUND_TRUTH_KEY, GroundTruth, Reconstruction, final_data_loss, heldout_loss, load_reconstruction
+from .scorer import Alignment, ScoreOptions, Scorer, ScoreReport, align, build_scorer, score
 
 __all__ = [
+    "GROUND_TRUTH_KEY",
     "Alignment",
     "FRCCurve",
     "GroundTruth",
@@ -19,6 +20,7 @@ __all__ = [
     "Scorer",
     "ScoringError",
     "align",
+    "build_scorer",
     "final_data_loss",
     "frc",
     "half_bit_threshold",

@@ -9,8 +9,9 @@ import sys
 from typing import Any, NoReturn, Sequence
 
 from .errors import ScoringError
-from .io import GroundTruth
-from .scorer import Scorer
+from .figure import save_score_figure
+from .io import GROUND_TRUTH_KEY
+from .scorer import build_scorer
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tune score", description="Score a reconstruction result against a ground truth.")
     p.add_argument("result", help="reconstruction result HDF5 (/object, attrs dx_A, origin_yx_A)")
     p.add_argument("--ground-truth", required=True, help="dataset HDF5 with /ground_truth and /scan")
-    p.add_argument("--key", default="ground_truth/phase_sum", help="ground-truth dataset (default: %(default)s)")
+    p.add_argument("--key", default=GROUND_TRUTH_KEY, help="ground-truth dataset (default: %(default)s)")
     p.add_argument("--out", help="write the score figure (PNG) here")
     p.add_argument("--margin-A", type=float, default=0.0, help="grow the region of interest by this many Å")
     p.add_argument("--roi", choices=("scan", "full"), default="scan", help="region of interest (default: scan)")
@@ -39,11 +40,9 @@ def score_main(argv: Sequence[str] | None = None) -> int:
     """Run the command; 0 on success, 2 on bad input (one ``error: ...`` line on stderr)."""
     try:
         args = _parser().parse_args(argv)
-        scorer = Scorer(GroundTruth.from_h5(args.ground_truth, args.key), roi=args.roi, margin_A=args.margin_A)
+        scorer = build_scorer(args.ground_truth, args.key, roi=args.roi, margin_A=args.margin_A)
         report = scorer.report(args.result, per_slice=args.per_slice)
         if args.out:
-            from .figure import save_score_figure
-
             save_score_figure(args.out, report, title=f"{args.result} vs {args.ground_truth}:{args.key}")
     except SystemExit as exc:  # --help
         return int(exc.code or 0)

@@ -17,6 +17,8 @@ import numpy as np
 from .errors import ScoringError
 
 PathLike = str | Path
+#: Where the dataset files keep the true phase summed over slices.
+GROUND_TRUTH_KEY = "ground_truth/phase_sum"
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class GroundTruth:
     def from_h5(
         cls,
         path: PathLike,
-        key: str = "ground_truth/phase_sum",
+        key: str = GROUND_TRUTH_KEY,
         *,
         slices_key: str | None = "ground_truth/V_slices",
         periodic: bool | None = None,

@@ -17,7 +17,7 @@ from skimage.metrics import structural_similarity
 from .align import LinearFit, PlaneFit, TruthShifter, fit_linear, registration_step, resample_lattice
 from .errors import ScoringError
 from .frc import FRCCurve, Rings, frc_from_fft, window_2d
-from .io import GroundTruth, Reconstruction, as_reconstruction
+from .io import GROUND_TRUTH_KEY, GroundTruth, PathLike, Reconstruction, as_reconstruction
 from .region import Region, make_region, region_weight
 
 COARSE_UPSAMPLE = 10
@@ -331,11 +331,30 @@ class Scorer:
         return out
 
 
+def build_scorer(
+    path: PathLike,
+    key: str = GROUND_TRUTH_KEY,
+    *,
+    roi: str | None = None,
+    margin_A: float = 0.0,
+    weight: np.ndarray | None = None,
+    **options: Any,
+) -> Scorer:
+    """The scorer of the ground truth at ``key`` in a dataset file, with scoring options.
+
+    ``roi`` None: the scanned field when the file has scan positions, else the full truth.
+    The one way the project builds a scorer from a file (trials, the report, ``tune recon --score``,
+    ``tune score``)."""
+    truth = GroundTruth.from_h5(path, key)
+    roi = roi or ("scan" if truth.positions_yx_A is not None else "full")
+    return Scorer(truth, weight=weight, roi=roi, margin_A=margin_A, **options)
+
+
 def score(
     result: Any,
     ground_truth: GroundTruth | str | Path,
     *,
-    key: str = "ground_truth/phase_sum",
+    key: str = GROUND_TRUTH_KEY,
     weight: np.ndarray | None = None,
     per_slice: bool = False,
     **options: Any,
@@ -348,7 +367,7 @@ def align(
     result: Any,
     ground_truth: GroundTruth | str | Path,
     *,
-    key: str = "ground_truth/phase_sum",
+    key: str = GROUND_TRUTH_KEY,
     weight: np.ndarray | None = None,
     **options: Any,
 ) -> Alignment:

@@ -6,23 +6,25 @@ amplitude and phase (S, Y, X); the probe is (M, N, N) in real space.
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .physics import aperture, frequency_grid, wavelength_A
+from .state import ConstraintSettings, Params, ScheduleSettings
 
 CONSTRAINTS = ("fix_probe_intensity", "orthogonalize_probe", "object_amplitude", "phase_positivity",
                "lateral_lowpass", "z_blur", "kz_filter", "phase_ramp_removal", "probe_fourier_mask",
                "position_recentering")
-NEVER = 2**30
 
 
-def is_active(sched, iteration):
+def is_active(sched: ScheduleSettings, iteration):
     """True when the schedule (enabled, start, step, end) covers `iteration`."""
-    since = iteration - sched["start"]
-    return ((sched["enabled"] > 0) & (since >= 0) & (since % jnp.maximum(sched["step"], 1) == 0)
-            & (iteration < sched["end"]))
+    since = iteration - sched.start
+    return ((sched.enabled > 0) & (since >= 0) & (since % jnp.maximum(sched.step, 1) == 0)
+            & (iteration < sched.end))
 
 
 def fix_probe_intensity(probe, target_power):
@@ -109,36 +111,64 @@ def position_recentering(offsets):
     return offsets - jnp.mean(offsets, axis=0, keepdims=True)
 
 
-def _when(active, fn, value):
-    return jax.lax.cond(active, fn, lambda v: v, value)
+def _gated(active, fn, value, gate=None):
+    """fn(value) where `active`, else value. With a `gate` (batched trials: true when any trial of the
+    batch is active; not batched itself) the branch runs once for the batch and each trial keeps its
+    own value where it is inactive, instead of vmap computing both branches for every trial."""
+    if gate is None:
+        return jax.lax.cond(active, fn, lambda v: v, value)
+    return jax.lax.cond(gate, lambda v: jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), fn(v), v),
+                        lambda v: v, value)
 
 
-def apply_constraints(params, cons, iteration, ctx):
-    """Apply every constraint whose schedule is active at `iteration` (params: dict of arrays).
+def batch_gates(cons: ConstraintSettings, iteration, active):
+    """(n_constraints,) bool: the constraint is active for some running trial of a batch.
 
-    `ctx` holds traced derived values: probe_power, dx_A, dz_A, dk_invA, energy_eV,
-    semiangle_mrad, aperture_edge_px.
+    `cons` leaves and `iteration` carry the trial axis (K,); `active` (K,) marks running trials.
     """
-    act = {name: is_active(cons[name], iteration) for name in CONSTRAINTS}
-    p = dict(params)
-    p["probe"] = _when(act["probe_fourier_mask"], lambda v: probe_fourier_mask(
-        v, ctx["dk_invA"], ctx["energy_eV"], ctx["semiangle_mrad"],
-        cons["probe_fourier_mask"]["radius_factor"], ctx["aperture_edge_px"]), p["probe"])
-    p["probe"] = _when(act["orthogonalize_probe"], orthogonalize_probe, p["probe"])
-    p["probe"] = _when(act["fix_probe_intensity"], lambda v: fix_probe_intensity(v, ctx["probe_power"]), p["probe"])
-    p["amp"] = _when(act["object_amplitude"], lambda v: object_amplitude(
-        v, cons["object_amplitude"]["min"], cons["object_amplitude"]["max"]), p["amp"])
-    p["phase"] = _when(act["phase_positivity"],
-                       lambda v: phase_positivity(v, cons["phase_positivity"]["relax"]), p["phase"])
-    sigma = cons["lateral_lowpass"]["sigma_px"]
-    p["amp"], p["phase"] = _when(act["lateral_lowpass"], lambda ap: (
-        1.0 + lateral_lowpass(ap[0] - 1.0, sigma), lateral_lowpass(ap[1], sigma)), (p["amp"], p["phase"]))
-    zs = cons["z_blur"]["sigma_slices"]
-    p["amp"], p["phase"] = _when(act["z_blur"], lambda ap: (z_blur(ap[0], zs), z_blur(ap[1], zs)),
-                                 (p["amp"], p["phase"]))
-    kz = cons["kz_filter"]
-    p["phase"] = _when(act["kz_filter"], lambda v: kz_filter(v, ctx["dx_A"], ctx["dz_A"], kz["beta"], kz["strength"]),
-                       p["phase"])
-    p["phase"] = _when(act["phase_ramp_removal"], phase_ramp_removal, p["phase"])
-    p["offsets"] = _when(act["position_recentering"], position_recentering, p["offsets"])
-    return p
+    return jnp.stack([jnp.any(is_active(getattr(cons, name), iteration) & active) for name in CONSTRAINTS])
+
+
+class Context(NamedTuple):
+    """Traced values the constraints need (each () f32): probe_power Σ|P|² target in probe units,
+    dx_A object pixel, dz_A slice thickness, dk_invA detector pixel, energy_eV, semiangle_mrad,
+    aperture_edge_px."""
+
+    probe_power: Any
+    dx_A: Any
+    dz_A: Any
+    dk_invA: Any
+    energy_eV: Any
+    semiangle_mrad: Any
+    aperture_edge_px: Any
+
+
+def apply_constraints(params: Params, cons: ConstraintSettings, iteration, ctx: Context, gates=None) -> Params:
+    """Apply every constraint whose schedule is active at `iteration`.
+
+    `params` holds amplitude (object_a) and phase (object_b) whatever the plan's parameterization.
+    `gates`: see `batch_gates` (None for a single trial).
+    """
+    act = {name: is_active(getattr(cons, name), iteration) for name in CONSTRAINTS}
+    gate = {name: None if gates is None else gates[i] for i, name in enumerate(CONSTRAINTS)}
+
+    def _when(name, fn, value):
+        return _gated(act[name], fn, value, gate[name])
+
+    probe = _when("probe_fourier_mask", lambda v: probe_fourier_mask(
+        v, ctx.dk_invA, ctx.energy_eV, ctx.semiangle_mrad, cons.fourier_mask_radius_factor, ctx.aperture_edge_px),
+        params.probe)
+    probe = _when("orthogonalize_probe", orthogonalize_probe, probe)
+    probe = _when("fix_probe_intensity", lambda v: fix_probe_intensity(v, ctx.probe_power), probe)
+    amp = _when("object_amplitude", lambda v: object_amplitude(v, cons.amplitude_min, cons.amplitude_max),
+                params.object_a)
+    phase = _when("phase_positivity", lambda v: phase_positivity(v, cons.positivity_relax), params.object_b)
+    sigma = cons.lowpass_sigma_px
+    amp, phase = _when("lateral_lowpass", lambda ap: (
+        1.0 + lateral_lowpass(ap[0] - 1.0, sigma), lateral_lowpass(ap[1], sigma)), (amp, phase))
+    zs = cons.z_blur_sigma_slices
+    amp, phase = _when("z_blur", lambda ap: (z_blur(ap[0], zs), z_blur(ap[1], zs)), (amp, phase))
+    phase = _when("kz_filter", lambda v: kz_filter(v, ctx.dx_A, ctx.dz_A, cons.kz_beta, cons.kz_strength), phase)
+    phase = _when("phase_ramp_removal", phase_ramp_removal, phase)
+    offsets = _when("position_recentering", position_recentering, params.offsets_A)
+    return Params(object_a=amp, object_b=phase, probe=probe, offsets_A=offsets)

@@ -15,6 +15,10 @@ periodic frequency axis so that every block is centred on the zero frequency (ex
 `bin`, half an original pixel low for even `bin`); the binned Nyquist row and column therefore
 gather the outermost detector pixels of both edges, which keeps the total intensity.
 
+Detector files (EMPAD .xml, Merlin .mib, Gatan .dm3/.dm4, Dectris Arina, EMD/py4DSTEM; `data.format`)
+are opened lazily by `recon.detectors` and go through `recon.preprocess` (hot pixels, centring,
+normalisation; on by default for them, off for hdf5/.npy) right after the subset is read.
+
 Positions: from `data.positions` (HDF5 path in the same file, or .npy), else the native
 `/scan/positions_yx_A`, else grid indices (iy, ix) × 1 Å with `scan_step_A = 1.0`: the engine
 always rescales nominal positions by `plan.scan.step_A / dataset.scan_step_A`, so a plan gives
@@ -23,13 +27,15 @@ Every user mistake raises `PlanError` with one line naming the file, the key and
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from . import preprocess
+from .detectors import DETECTOR_FORMATS, detect_format, open_detector, wavelength_A
 from .plan import DataSpec, PlanError, SubsetSpec
 
 @dataclass(frozen=True, eq=False)
@@ -48,6 +54,8 @@ class Dataset:
     dk_invA: float | None             # after binning (dk × bin)
     total_thickness_A: float | None
     source: str                       # "path::dataset" for messages
+    positions_in_steps: bool = False  # positions are scan-grid indices (no positions in the file): scan.step_A needed
+    preprocessing: dict = field(default_factory=dict)  # what recon.preprocess did (format, centre, masks, ...)
 
     @property
     def n_px(self) -> int:
@@ -65,6 +73,9 @@ class _Source:
     detector_mask: np.ndarray | None    # (N, N) on-disk layout, 1/0
     meta: dict[str, float | None]       # energy_eV, semiangle_mrad, defocus_A, dk_invA, total_thickness_A
     source: str
+    positions_in_steps: bool = False    # positions are grid indices, scan_step_A = 1 step
+    kind: str = "hdf5"                  # format: hdf5, npy, simulate or one of DETECTOR_FORMATS
+    vacuum: np.ndarray | None = None    # (N, N) on-disk layout, for centring / normalisation
 
     @property
     def n_patterns(self) -> int:
@@ -84,8 +95,11 @@ def load_dataset(spec: DataSpec) -> Dataset:
                       sim.metadata(), f"<simulated>::{name}")
         return _prepare(src, spec.model_copy(update={"dc_centered": True}))
     path = _existing_file(spec.path)
-    if path.suffix.lower() == ".npy":
+    kind = detect_format(path, spec.format)
+    if kind == "npy":
         return _prepare(_open_npy(path, spec), spec)
+    if kind in DETECTOR_FORMATS:
+        return _prepare(_open_detector(path, spec, kind), spec)
     if not h5py.is_hdf5(path):
         raise PlanError(f"{path}: data.path: not an HDF5 file (allowed: HDF5 or .npy)")
     with h5py.File(path, "r") as f:
@@ -118,7 +132,35 @@ def _open_npy(path: Path, spec: DataSpec) -> _Source:
     patterns = _npy(path, "data.path")
     positions = _aux_array(spec.positions, "data.positions", None, path)
     mask = _aux_array(spec.detector_mask, "data.detector_mask", None, path)
-    return _make_source(patterns, positions, None, mask, {}, str(path), spec)
+    src = _make_source(patterns, positions, None, mask, {}, str(path), spec)
+    return _with(src, "npy", _aux_array(_beside(path, spec.vacuum), "data.vacuum", None, path))
+
+
+def _open_detector(path: Path, spec: DataSpec, kind: str) -> _Source:
+    """A detector file (recon.detectors): lazy (sy, sx, ky, kx) patterns and the file's metadata."""
+    det = open_detector(path, spec, kind)
+    m = det.meta
+    positions = _aux_array(spec.positions, "data.positions", None, path)
+    if positions is None and m.scan_step_A is not None:
+        iy, ix = np.meshgrid(np.arange(det.patterns.shape[0]), np.arange(det.patterns.shape[1]), indexing="ij")
+        positions = np.stack([iy.ravel(), ix.ravel()], axis=1) * m.scan_step_A
+    mask = _aux_array(spec.detector_mask, "data.detector_mask", None, path)
+    meta = {"energy_eV": m.energy_eV, "semiangle_mrad": m.semiangle_mrad, "defocus_A": m.defocus_A,
+            "dk_invA": m.resolved_dk_invA(), "total_thickness_A": None}
+    step = m.scan_step_A if spec.positions is None else None
+    src = _make_source(det.patterns, positions, step, mask, meta, det.source, spec)
+    return _with(src, kind, _aux_array(_beside(path, spec.vacuum), "data.vacuum", None, path))
+
+
+def _beside(path: Path, value: str | None) -> str | None:
+    """A relative .npy path (data.vacuum) is relative to the data file's folder."""
+    if value and value.endswith(".npy") and not Path(value).expanduser().is_absolute():
+        return str(path.parent / value)
+    return value
+
+
+def _with(src: _Source, kind: str, vacuum: np.ndarray | None) -> _Source:
+    return replace(src, kind=kind, vacuum=vacuum)
 
 
 def _open_hdf5(f: h5py.File, path: Path, spec: DataSpec) -> _Source:
@@ -129,8 +171,9 @@ def _open_hdf5(f: h5py.File, path: Path, spec: DataSpec) -> _Source:
         positions = f["scan/positions_yx_A"][()]
         step = _step_from_axes(f) or _attr_float(f.attrs, "scan_step_A")
     mask = _aux_array(spec.detector_mask, "data.detector_mask", f, path)
-    return _make_source(patterns, positions, step, mask, _hdf5_metadata(f, patterns.shape[-1]),
-                        f"{path}::{spec.patterns}", spec)
+    src = _make_source(patterns, positions, step, mask, _hdf5_metadata(f, patterns.shape[-1]),
+                       f"{path}::{spec.patterns}", spec)
+    return _with(src, "hdf5", _aux_array(_beside(path, spec.vacuum), "data.vacuum", f, path))
 
 
 def _aux_array(value: str | None, key: str, f: h5py.File | None, path: Path) -> np.ndarray | None:
@@ -247,14 +290,20 @@ def _make_source(patterns, positions, step, mask, meta, source: str, spec: DataS
     else:
         iy, ix = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
         positions = np.stack([iy.ravel(), ix.ravel()], axis=1).astype(np.float64)
-        step = 1.0
-    if mask is not None:
-        mask = np.asarray(mask)
-        if mask.shape != tuple(patterns.shape[-2:]):
-            raise PlanError(f"{source}: data.detector_mask: expected shape {tuple(patterns.shape[-2:])} "
-                            f"like the patterns, got {mask.shape}")
-        mask = (mask != 0).astype(np.float32)
-    return _Source(patterns, grid, positions, step, mask, meta, source)
+        return _Source(patterns, grid, positions, 1.0, _checked_mask(mask, patterns, source), meta, source,
+                       positions_in_steps=True)
+    return _Source(patterns, grid, positions, step, _checked_mask(mask, patterns, source), meta, source)
+
+
+def _checked_mask(mask, patterns, source: str) -> np.ndarray | None:
+    """The detector mask as 1/0 float32 in the on-disk layout, checked against the pattern shape."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.shape != tuple(patterns.shape[-2:]):
+        raise PlanError(f"{source}: data.detector_mask: expected shape {tuple(patterns.shape[-2:])} "
+                        f"like the patterns, got {mask.shape}")
+    return (mask != 0).astype(np.float32)
 
 
 def _grid(shape: tuple[int, ...], scan_shape: tuple[int, int] | None, source: str) -> tuple[int, int] | None:
@@ -325,8 +374,9 @@ def _prepare(src: _Source, spec: DataSpec) -> Dataset:
         raw = _read_patterns(src, ys, xs, indices)
     n_disk = raw.shape[-1]
     patterns = np.asarray(raw, dtype=np.float32).reshape(-1, n_disk, n_disk)
+    steps = preprocess.resolve_steps(spec, src.kind in DETECTOR_FORMATS)
+    patterns, mask, record = preprocess.apply(patterns, src.detector_mask, steps, kept_shape, src.vacuum, src.source)
     _check_values(patterns, src.source)
-    mask = src.detector_mask
     if spec.dc_centered:
         patterns = np.fft.ifftshift(patterns, axes=(-2, -1))
         mask = None if mask is None else np.fft.ifftshift(mask)
@@ -341,6 +391,10 @@ def _prepare(src: _Source, spec: DataSpec) -> Dataset:
     if mask is not None:
         mask = bin_frequencies(crop_frequencies(mask, crop), spec.bin, np.min).astype(np.float32)
     dk = src.meta.get("dk_invA")
+    if dk is None and "bf_radius_px" in record and src.meta.get("energy_eV") and src.meta.get("semiangle_mrad"):
+        dk = preprocess.dk_from_disk(record["bf_radius_px"], src.meta["semiangle_mrad"],
+                                     wavelength_A(src.meta["energy_eV"]))
+        record["dk_invA_from_disk"] = dk
     return Dataset(
         patterns=np.ascontiguousarray(patterns, dtype=np.float32),
         positions_yx_A=np.ascontiguousarray(src.positions_yx_A[indices], dtype=np.float64),
@@ -354,6 +408,8 @@ def _prepare(src: _Source, spec: DataSpec) -> Dataset:
         dk_invA=None if dk is None else dk * spec.bin,
         total_thickness_A=src.meta.get("total_thickness_A"),
         source=src.source,
+        positions_in_steps=src.positions_in_steps,
+        preprocessing={"format": src.kind, **record} if steps.any or src.kind != "hdf5" else {},
     )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
+from .state import OptimizerSettings
+
 SCHEDULES = ("constant", "cosine", "exponential", "warmup_cosine")
 
 
@@ -48,9 +50,9 @@ def schedule_factor(schedule_id, t, total, decay_rate, warmup, final_fraction):
     return factors[schedule_id]
 
 
-def learning_rate(spec, iteration, total_iterations):
-    """lr at `iteration` for a traced optimiser spec (dict of arrays); 0 before its start."""
-    t = iteration - spec["start_iteration"]
-    factor = schedule_factor(spec["schedule_id"], jnp.maximum(t, 0), total_iterations - spec["start_iteration"],
-                             spec["decay_rate"], spec["warmup_iterations"], spec["final_fraction"])
-    return jnp.where(t >= 0, spec["learning_rate"] * factor, 0.0)
+def learning_rate(spec: OptimizerSettings, iteration, total_iterations):
+    """lr at `iteration` for a traced optimiser spec; 0 before its start."""
+    t = iteration - spec.start_iteration
+    factor = schedule_factor(spec.schedule_id, jnp.maximum(t, 0), total_iterations - spec.start_iteration,
+                             spec.decay_rate, spec.warmup_iterations, spec.final_fraction)
+    return jnp.where(t >= 0, spec.learning_rate * factor, 0.0)

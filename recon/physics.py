@@ -2,7 +2,7 @@
 
 Every function is written with `jax.numpy` on values that may be traced, so probes built from
 tunable optics (defocus, aberrations, semi-angle, calibration) live inside compiled programs.
-Conventions: ../shared/docs/conventions.md (lengths in Å, angles in mrad or degrees).
+Conventions: the project's conventions.md (lengths in Å, angles in mrad or degrees).
 """
 from __future__ import annotations
 

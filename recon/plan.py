@@ -22,6 +22,21 @@ class PlanError(ValueError):
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_group_defaults(cls, data: Any) -> Any:
+        """A group given in part keeps what its default sets: `optimizers.object: {learning_rate:
+        0.05}` keeps the object's cosine schedule instead of the optimiser class's constant one."""
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, value in data.items():
+            field = cls.model_fields.get(name)
+            default = field.default if field is not None else None
+            if isinstance(value, dict) and isinstance(default, BaseModel) and default.model_fields_set:
+                merged[name] = {**default.model_dump(include=default.model_fields_set), **value}
+        return merged
+
 
 # --------------------------------------------------------------------------- data
 class SubsetSpec(_Frozen):
@@ -66,13 +81,27 @@ class SimulationSpec(_Frozen):
 class DataSpec(_Frozen):
     """Where the diffraction patterns come from and how they are prepared."""
 
-    path: str | None = Field(None, description="HDF5 file (native layout or any dataset path) or .npy")
+    path: str | None = Field(None, description="HDF5 file (native layout or any dataset path), .npy, or a detector "
+                             "file (EMPAD .xml, Merlin .mib, Gatan .dm3/.dm4, Dectris Arina _master.h5, EMD/py4DSTEM .h5)")
+    format: Literal["auto", "hdf5", "npy", "empad", "mib", "dm", "arina", "emd"] = Field(
+        "auto", description="file format; auto: from the extension and content")
     patterns: str = Field("dp", description="HDF5 dataset path of the patterns, e.g. dp or dp_noisy/dose_1e+05")
     simulate: SimulationSpec | None = None
     positions: str | None = Field(None, description="HDF5 dataset path or .npy of (n, 2) probe positions (y, x) in Å")
     scan_shape: tuple[int, int] | None = Field(None, description="(ny, nx) for 3D pattern stacks without positions")
     dc_centered: bool = Field(True, description="zero frequency at [N/2, N/2] on disk (fftshifted)")
     detector_mask: str | None = Field(None, description="HDF5 dataset path or .npy (ky, kx), nonzero = use pixel")
+    center: Literal["auto", "none"] | tuple[float, float] | None = Field(
+        None, description="zero frequency on disk: auto (mean pattern: centre of mass + disk fit), [cy, cx] px, "
+                          "none; null: auto for detector formats, none for hdf5/npy")
+    hot_pixels: Literal["auto", "none"] | None = Field(
+        None, description="auto: mask hot and dead pixels found in the summed pattern; null: auto for detector "
+                          "formats, none for hdf5/npy")
+    descan: bool = Field(False, description="also undo a linear drift of the disk centre over the scan")
+    normalize: Literal["none", "mean", "vacuum"] = Field(
+        "none", description="divide patterns by the mean total intensity, or by the vacuum pattern's total")
+    vacuum: str | None = Field(None, description="vacuum pattern (ky, kx) on the detector: .npy (relative to the "
+                               "data file) or HDF5 path in the same file; centring and normalize: vacuum")
     crop_px: int | None = Field(None, ge=4, description="crop patterns to this size around the zero frequency")
     bin: int = Field(1, ge=1, description="sum bin × bin detector pixels")
     subset: SubsetSpec = SubsetSpec()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .state import RegularizerWeights
+
 REGULARIZERS = ("object_l1", "object_l2", "object_tikhonov", "object_tv", "phase_l1",
                 "layer_tikhonov", "layer_tv", "probe_l2")
 
@@ -81,13 +83,21 @@ def regularizer_values(obj, phase, probe_modes, tv_eps) -> dict:
     return {name: term() for name, term in _terms(obj, phase, probe_modes, tv_eps).items()}
 
 
-def weighted_sum(values: dict, weights: dict):
+def weighted_sum(values: dict, weights: RegularizerWeights):
     """Σ weight × value over the regularisers."""
-    return sum(weights[name] * values[name] for name in REGULARIZERS)
+    return sum(getattr(weights, name) * values[name] for name in REGULARIZERS)
 
 
-def penalty(obj, phase, probe_modes, weights: dict):
-    """Σ weight × regulariser; skipped at run time (without recompiling) while every weight is 0."""
-    any_on = sum(weights[name] for name in REGULARIZERS) > 0
-    return jax.lax.cond(any_on, lambda: weighted_sum(regularizer_values(obj, phase, probe_modes, weights["tv_eps"]),
+def any_on(weights: RegularizerWeights):
+    """True when some regulariser has a non-zero weight (elementwise over a leading trial axis)."""
+    return sum(getattr(weights, name) for name in REGULARIZERS) > 0
+
+
+def penalty(obj, phase, probe_modes, weights: RegularizerWeights, gate=None):
+    """Σ weight × regulariser; skipped at run time (without recompiling) while every weight is 0.
+
+    `gate` (batched trials): any trial of the batch has a regulariser on; not batched itself, so the
+    terms are skipped for the whole batch instead of vmap computing them for every trial.
+    """
+    return jax.lax.cond(any_on(weights) if gate is None else gate, lambda: weighted_sum(regularizer_values(obj, phase, probe_modes, weights.tv_eps),
                                                      weights), lambda: jnp.zeros((), jnp.float32))

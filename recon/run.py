@@ -1,54 +1,28 @@
-"""Running a plan: prepare, compile (once per shape), iterate, and collect a Result."""
+"""Running plans: lower, compile (once per shape), iterate, and collect Results.
+
+`reconstruct(plan)` runs one plan. `reconstruct_batch(plans)` runs K plans that share a
+`StaticConfig` as one vmapped program over one copy of the data; each trial keeps its own
+history, callback (pruning), divergence check and Result, exactly as if it ran alone.
+"""
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import engine, physics
-from .data import Dataset, heldout_indices, load_dataset
+from .data import Dataset, load_dataset
+from .lower import Lowered, ObjectGrid, lower
 from .plan import Plan, PlanError
 from .result import Result
+from .state import EngineState, to_numpy
 
-
-@dataclass(frozen=True)
-class Prepared:
-    """A plan bound to its data: the static configuration, traced settings and device arrays."""
-
-    plan: Plan
-    optics: engine.Optics
-    static: engine.StaticConfig
-    settings: dict
-    data: dict
-    fit_indices: np.ndarray
-    heldout_indices: np.ndarray
-
-
-def prepare(plan: Plan, dataset: Dataset) -> Prepared:
-    """Split a plan into what is compiled (shapes, choices) and what is traced (every number)."""
-    optics = engine.resolve_optics(plan, dataset)
-    n = len(dataset.patterns)
-    heldout = heldout_indices(n, plan.data.heldout_fraction, plan.data.heldout_seed)
-    fit = np.setdiff1d(np.arange(n), heldout)
-    n_px = dataset.n_px
-    batch = min(plan.batch_size, len(fit))
-    s = plan.object.supersample
-    dx = 1.0 / (s * n_px * optics.dk_invA)
-    shape = plan.object.size_px or engine.object_shape_px(dataset.positions_yx_A, dx, s * n_px, s * plan.object.margin_px)
-    static = engine.StaticConfig(
-        n_px=n_px, n_fit=len(fit), n_heldout=len(heldout), batch_size=batch, n_batches=math.ceil(len(fit) / batch),
-        modes=plan.probe.modes, slices=plan.object.slices, object_shape=tuple(shape),
-        noise_model=plan.noise_model.name, parameterization=plan.object.parameterization,
-        optimizers=tuple(getattr(plan.optimizers, g).name for g in engine.OPTIMIZED),
-        aperture_supersample=plan.probe.aperture_supersample, object_supersample=s)
-    nominal_step = dataset.scan_step_A if dataset.scan_step_A is not None else optics.scan_step_A
-    return Prepared(plan, optics, static, engine.build_settings(plan, optics),
-                    engine.build_data(dataset, fit, heldout, nominal_step), fit, heldout)
+Callback = Callable[["Progress"], "bool | None"]
 
 
 @dataclass(frozen=True)
@@ -67,85 +41,73 @@ class Progress:
         return self._fetch_object()
 
 
-def _resume_state(state, previous: Result, prep: Prepared):
-    """Start from a saved result's object, probe and position corrections."""
-    params = dict(state["params"])
-    if previous.object.shape != (prep.static.slices, *prep.static.object_shape):
-        raise PlanError(f"resume: object shape {previous.object.shape} does not match the plan's "
-                        f"{(prep.static.slices, *prep.static.object_shape)}")
-    if previous.probe.shape != (prep.static.modes, prep.static.window_px, prep.static.window_px):
-        raise PlanError(f"resume: probe shape {previous.probe.shape} does not match the plan")
-    params.update(engine.object_params(jnp.asarray(previous.object), prep.static))
-    params["probe"] = jnp.asarray(previous.probe / engine.probe_unit(prep.data), jnp.complex64)
-    if len(previous.positions_yx_A) == len(prep.heldout_indices) + prep.static.n_fit:
-        nominal = np.asarray(engine.scan_positions(prep.data["positions_A"], prep.settings, prep.data))
-        params["offsets"] = jnp.asarray(previous.positions_yx_A[prep.fit_indices] - nominal, jnp.float32)
-    return {**state, "params": params, "iteration": jnp.asarray(previous.iterations_done, jnp.int32)}
+@dataclass
+class _Track:
+    """The host-side bookkeeping of one reconstruction: history, stop reason, divergence."""
 
+    plan: Plan
+    callback: Callback | None
+    history: dict[str, list[float]] = field(default_factory=dict)
+    first_loss: float | None = None
+    stop_reason: str = "completed"
+    diverged: bool = False
+    active: bool = True
 
-def reconstruct(plan: Plan, dataset: Dataset | None = None, callback: Callable[[Progress], bool | None] | None = None,
-                resume: Result | None = None) -> Result:
-    """Run `plan` and return its Result; never raises for a diverging loss (see Result.diverged).
-
-    `callback(progress)` runs after every iteration; returning False stops the run.
-    `resume` continues from a saved result (object, probe and positions; optimiser moments restart).
-    """
-    engine.enable_persistent_cache()
-    dataset = dataset if dataset is not None else load_dataset(plan.data)
-    prep = prepare(plan, dataset)
-    static, settings, data = prep.static, prep.settings, prep.data
-    init, t_init = engine.compiled("init", static, settings, data)
-    state = init(settings, data)
-    if resume is not None:
-        state = _resume_state(state, resume, prep)
-    step, t_step = engine.compiled("iteration", static, state, settings, data)
-    outputs, t_out = engine.compiled("outputs", static, state, settings, data)
-    compile_s = t_init + t_step + t_out
-
-    history: dict[str, list[float]] = {}
-    first_loss = None
-    stop_reason, diverged = "completed", False
-    start_iteration = int(state["iteration"])
-    run_t0 = time.perf_counter()
-    for _ in range(start_iteration, plan.iterations):
-        t0 = time.perf_counter()
-        new_state, stats = step(state, settings, data)
-        stats = {k: float(v) for k, v in jax.device_get(stats).items()}
-        elapsed = time.perf_counter() - t0
+    def record(self, stats: dict[str, float], elapsed_s: float, iteration: int) -> bool:
+        """Check the new loss and append it; False (and inactive) when the run diverged."""
         loss = stats["loss"]
-        first_loss = loss if first_loss is None else first_loss
-        if not math.isfinite(loss) or loss > abs(first_loss) * plan.divergence_factor:
-            diverged = True
-            stop_reason = f"diverged: loss {loss:.3g} at iteration {int(new_state['iteration'])}"
-            break
-        state = new_state
-        for k, v in {**stats, "time_s": elapsed}.items():
-            history.setdefault(k, []).append(v)
-        if callback is not None:
-            progress = _progress(state, stats, prep, outputs)
-            if callback(progress) is False:
-                stop_reason = f"stopped by callback at iteration {progress.iteration}"
-                break
-    run_s = time.perf_counter() - run_t0
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        if not math.isfinite(loss) or loss > abs(self.first_loss) * self.plan.divergence_factor:
+            self.diverged, self.active = True, False
+            self.stop_reason = f"diverged: loss {loss:.3g} at iteration {iteration}"
+            return False
+        for k, v in {**stats, "time_s": elapsed_s}.items():
+            self.history.setdefault(k, []).append(v)
+        return True
 
-    heldout_loss = float("nan")
-    if static.n_heldout:
-        heldout, t_held = engine.compiled("heldout", static, state, settings, data)
-        compile_s += t_held
-        heldout_loss = float(heldout(state, settings, data))
-    out = jax.device_get(outputs(state, settings, data))
-    positions = np.zeros((len(prep.fit_indices) + len(prep.heldout_indices), 2))
-    positions[prep.fit_indices] = out["positions_yx_A"]
-    positions[prep.heldout_indices] = out["heldout_positions_yx_A"]
-    hist = {k: np.asarray(v) for k, v in history.items()}
+    def notify(self, progress: Progress) -> None:
+        """Run the callback; it may stop this reconstruction."""
+        if self.callback is not None and self.callback(progress) is False:
+            self.stop_reason = f"stopped by callback at iteration {progress.iteration}"
+            self.active = False
+
+    def finish(self, iterations_done: int) -> None:
+        if self.active and iterations_done >= self.plan.iterations:
+            self.active = False
+
+
+def resume_state(state: EngineState, previous: Result, low: Lowered) -> EngineState:
+    """Start from a saved result's object, probe and position corrections (optimiser moments restart)."""
+    static = low.static
+    if previous.object.shape != (static.slices, *static.object_shape):
+        raise PlanError(f"resume: object shape {previous.object.shape} does not match the plan's "
+                        f"{(static.slices, *static.object_shape)}")
+    if previous.probe.shape != (static.modes, static.window_px, static.window_px):
+        raise PlanError(f"resume: probe shape {previous.probe.shape} does not match the plan")
+    a, b = engine.object_params(jnp.asarray(previous.object), static)
+    params = state.params._replace(object_a=a, object_b=b,
+                                   probe=jnp.asarray(previous.probe / engine.probe_unit(low.data), jnp.complex64))
+    if len(previous.positions_yx_A) == len(low.heldout_indices) + static.n_fit:
+        nominal = np.asarray(engine.scan_positions(low.data.positions_A, low.settings, low.data))
+        params = params._replace(offsets_A=jnp.asarray(previous.positions_yx_A[low.fit_indices] - nominal, jnp.float32))
+    return state._replace(params=params, iteration=jnp.asarray(previous.iterations_done, jnp.int32))
+
+
+def _result(low: Lowered, track: _Track, out: engine.Outputs, iterations_done: int, heldout_loss: float,
+            compile_s: float, run_s: float) -> Result:
+    """The Result of one reconstruction from its host-side outputs."""
+    positions = np.zeros((len(low.fit_indices) + len(low.heldout_indices), 2))
+    positions[low.fit_indices] = out.positions_yx_A
+    positions[low.heldout_indices] = out.heldout_positions_yx_A
+    hist = {k: np.asarray(v) for k, v in track.history.items()}
     return Result(
-        object=np.asarray(out["object"]), probe=np.asarray(out["probe"]), positions_yx_A=positions,
-        dx_A=float(out["dx_A"]), origin_yx_A=tuple(float(v) for v in out["origin_yx_A"]), plan=plan,
-        history=hist, slice_thickness_A=prep.optics.slice_thickness_A, energy_eV=prep.optics.energy_eV,
-        sigma_rad_per_VA=float(physics.sigma_rad_per_VA(prep.optics.energy_eV)),
-        iterations_done=int(state["iteration"]), diverged=diverged,
-        converged=not diverged and _flat(hist.get("loss")), stop_reason=stop_reason,
-        heldout_indices=prep.heldout_indices, heldout_loss=heldout_loss,
+        object=np.asarray(out.object), probe=np.asarray(out.probe), positions_yx_A=positions,
+        dx_A=float(out.dx_A), origin_yx_A=tuple(float(v) for v in out.origin_yx_A), plan=low.plan,
+        history=hist, slice_thickness_A=low.optics.slice_thickness_A, energy_eV=low.optics.energy_eV,
+        sigma_rad_per_VA=float(physics.sigma_rad_per_VA(low.optics.energy_eV)),
+        iterations_done=iterations_done, diverged=track.diverged,
+        converged=not track.diverged and _flat(hist.get("loss")), stop_reason=track.stop_reason,
+        heldout_indices=low.heldout_indices, heldout_loss=heldout_loss,
         final_data_loss=float(hist["data_loss"][-1]) if "data_loss" in hist else float("nan"),
         compile_s=compile_s, run_s=run_s)
 
@@ -157,15 +119,162 @@ def _flat(loss: np.ndarray | None, window: int = 5, tolerance: float = 0.01) -> 
     return bool(abs(loss[-1] - loss[-1 - window]) <= tolerance * abs(loss[-1 - window]))
 
 
-def _progress(state, stats, prep: Prepared, outputs) -> Progress:
-    cache: dict[str, np.ndarray] = {}
+def _progress(iteration: int, stats: dict[str, float], grid: ObjectGrid, fetch: Callable[[], np.ndarray]) -> Progress:
+    cache: list[np.ndarray] = []
 
-    def fetch():
-        if "object" not in cache:
-            cache.update(jax.device_get(outputs(state, prep.settings, prep.data)))
-        return np.asarray(cache["object"])
+    def fetch_once() -> np.ndarray:
+        if not cache:
+            cache.append(fetch())
+        return cache[0]
 
-    dx = 1.0 / (prep.static.window_px * float(prep.settings["dk_invA"]))
-    origin = prep.data["centroid_A"] - dx * np.asarray(prep.static.object_shape) / 2.0
-    return Progress(iteration=int(state["iteration"]), loss=stats["loss"], data_loss=stats["data_loss"],
-                    dx_A=dx, origin_yx_A=tuple(float(v) for v in origin), _fetch_object=fetch)
+    return Progress(iteration=iteration, loss=stats["loss"], data_loss=stats["data_loss"], dx_A=grid.dx_A,
+                    origin_yx_A=grid.origin_yx_A, _fetch_object=fetch_once)
+
+
+# --------------------------------------------------------------------------- one plan
+
+
+def reconstruct(plan: Plan, dataset: Dataset | None = None, callback: Callback | None = None,
+                resume: Result | None = None) -> Result:
+    """Run `plan` and return its Result; never raises for a diverging loss (see Result.diverged).
+
+    `callback(progress)` runs after every iteration; returning False stops the run.
+    `resume` continues from a saved result (object, probe and positions; optimiser moments restart).
+    """
+    engine.enable_persistent_cache()
+    dataset = dataset if dataset is not None else load_dataset(plan.data)
+    low = lower(plan, dataset)
+    static, settings, data = low.static, low.settings, low.data
+    init, t_init = engine.compiled("init", static, settings, data)
+    state = init(settings, data)
+    if resume is not None:
+        state = resume_state(state, resume, low)
+    step, t_step = engine.compiled("iteration", static, state, settings, data)
+    outputs, t_out = engine.compiled("outputs", static, state, settings, data)
+    compile_s = t_init + t_step + t_out
+
+    track = _Track(plan, callback)
+    done = int(state.iteration)
+    run_t0 = time.perf_counter()
+    while done < plan.iterations and track.active:
+        t0 = time.perf_counter()
+        new_state, stats = step(state, settings, data)
+        values = jax.device_get(stats).as_dict()
+        if not track.record(values, time.perf_counter() - t0, done + 1):
+            break
+        state, done = new_state, done + 1
+        track.notify(_progress(done, values, low.grid,
+                               lambda s=state: np.asarray(jax.device_get(outputs(s, settings, data).object))))
+    run_s = time.perf_counter() - run_t0
+
+    heldout_loss = float("nan")
+    if static.n_heldout:
+        heldout, t_held = engine.compiled("heldout", static, state, settings, data)
+        compile_s += t_held
+        heldout_loss = float(heldout(state, settings, data))
+    out = to_numpy(outputs(state, settings, data))
+    return _result(low, track, out, done, heldout_loss, compile_s, run_s)
+
+
+# --------------------------------------------------------------------------- K plans as one program
+
+
+def _stack(trees: Sequence) -> object:
+    """Stack pytrees of equal structure along a new leading (trial) axis."""
+    return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def _lane(tree, i: int):
+    return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def lower_batch(plans: Sequence[Plan], dataset: Dataset) -> list[Lowered]:
+    """Lower K plans on one dataset; they must share a StaticConfig and their data arrays."""
+    lowered = [lower(p, dataset) for p in plans]
+    first = lowered[0]
+    for low in lowered[1:]:
+        if low.static != first.static:
+            raise PlanError("reconstruct_batch: plans differ in shapes or named choices (static configuration); "
+                            "group them with recon.static_key first")
+        if not all(np.array_equal(a, b) for a, b in zip(low.data, first.data)):
+            raise PlanError("reconstruct_batch: plans read different data arrays (data section or scan step)")
+    return lowered
+
+
+def static_key(plan: Plan, dataset: Dataset) -> tuple:
+    """What decides whether two plans can share one batched program: static configuration and data."""
+    low = lower(plan, dataset)
+    return (low.static, low.data.nominal_step_A.item(), plan.data)
+
+
+def reconstruct_batch(plans: Sequence[Plan], dataset: Dataset | None = None,
+                      callbacks: Sequence[Callback | None] | None = None) -> list[Result]:
+    """Run K plans as one vmapped program (same StaticConfig); one Result per plan, in order.
+
+    Each plan gets its own callback (returning False stops that plan only), its own divergence
+    check and history; a stopped or diverged plan's state stops changing while the others go on,
+    and the program stops when every plan is done. Results equal those of `reconstruct` run alone
+    up to floating-point reassociation in the batched program.
+    """
+    engine.enable_persistent_cache()
+    dataset = dataset if dataset is not None else load_dataset(plans[0].data)
+    lowered = lower_batch(plans, dataset)
+    callbacks = list(callbacks) if callbacks is not None else [None] * len(plans)
+    static, data = lowered[0].static, lowered[0].data
+    settings = _stack([low.settings for low in lowered])
+    init, t_init = engine.compiled("init", static, settings, data, batched=True)
+    state = init(settings, data)
+    active = np.ones(len(plans), bool)
+    step, t_step = engine.compiled("iteration", static, state, settings, data, active, batched=True)
+    outputs, t_out = engine.compiled("outputs", static, state, settings, data, batched=True)
+    compile_s = t_init + t_step + t_out
+
+    tracks = [_Track(low.plan, cb) for low, cb in zip(lowered, callbacks)]
+    done = np.zeros(len(plans), int)
+    run_t0 = time.perf_counter()
+    while any(t.active for t in tracks):
+        active = np.array([t.active for t in tracks])
+        t0 = time.perf_counter()
+        new_state, stats = step(state, settings, data, active)
+        stats = jax.device_get(stats)
+        elapsed = time.perf_counter() - t0
+        bad = np.zeros(len(plans), bool)
+        for i, track in enumerate(tracks):
+            if active[i] and not track.record(_lane(stats, i).as_dict(), elapsed, int(done[i]) + 1):
+                bad[i] = True
+        state = _keep_lanes(new_state, state, active & ~bad)  # a diverged lane keeps its last finite state
+        done = done + (active & ~bad)
+        objects = _objects_once(outputs, state, settings, data)
+        for i, track in enumerate(tracks):
+            if active[i] and not bad[i]:
+                track.notify(_progress(int(done[i]), _lane(stats, i).as_dict(), lowered[i].grid,
+                                       lambda i=i: objects()[i]))
+                track.finish(int(done[i]))
+    run_s = time.perf_counter() - run_t0
+
+    heldout_losses = np.full(len(plans), np.nan)
+    if static.n_heldout:
+        heldout, t_held = engine.compiled("heldout", static, state, settings, data, batched=True)
+        compile_s += t_held
+        heldout_losses = np.asarray(heldout(state, settings, data), float)
+    out = to_numpy(outputs(state, settings, data))
+    return [_result(low, track, _lane(out, i), int(done[i]), float(heldout_losses[i]), compile_s, run_s)
+            for i, (low, track) in enumerate(zip(lowered, tracks))]
+
+
+def _keep_lanes(new, old, keep: np.ndarray):
+    """The new state for lanes in `keep` (K,), the old one elsewhere."""
+    k = jnp.asarray(keep)
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(k.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+def _objects_once(outputs, state, settings, data) -> Callable[[], np.ndarray]:
+    """Every trial's object (K, S, Y, X), copied from the device on the first call only."""
+    cache: list[np.ndarray] = []
+
+    def fetch() -> np.ndarray:
+        if not cache:
+            cache.append(np.asarray(jax.device_get(outputs(state, settings, data).object)))
+        return cache[0]
+
+    return fetch

@@ -9,7 +9,7 @@ Projected potential of one atom of atomic number Z, in V·Å (r in Å):
     v_Z(r) = W(Z) · Σ_i f_i · exp(−r²/(2 s_i²)) / (2π s_i²),   W(Z) = 37.1 · Z^0.707  V·Å²
 
 with f = (0.112, 0.340, 0.548) and s = (0.093, 0.277, 0.684) Å: three normalised Gaussians
-fitted to the Lobato IAM potentials of Mo, S, Sr, Ti and O in ../shared/data (NRMSE 5–7 % on
+fitted to the Lobato IAM potentials of Mo, S, Sr, Ti and O in the shared datasets (NRMSE 5–7 % on
 the band-limited projected potentials). It is evaluated analytically in Fourier space on the
 cell, which is exact band-limited sampling (no aliasing, no supersampling needed).
 

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 
 # Tests use their own compilation cache so they never depend on (or pollute) a user's cache.
 os.environ.setdefault("PTYTUNE_JAX_CACHE", tempfile.mkdtemp(prefix="ptytune-test-jax-"))
+# Processes the tests start (`python -m tune ...`) import this checkout, not whichever one the
+# environment has installed (a virtual environment shared by several clones or worktrees).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH")]))
 
 from recon.plan import SimulationSpec  # noqa: E402
 

@@ -104,7 +104,9 @@ def test_nan_loss_stops_and_is_reported(tiny_plan_dict):
     result = recon.reconstruct(plan)
     assert result.diverged and result.stop_reason.startswith("diverged")
     assert result.iterations_done < 6
-    assert np.all(np.isfinite(result.history.get("loss", np.zeros(1))))
+    # the history holds exactly the finite iterations before the divergence; the object is the last finite one
+    assert len(result.history.get("loss", [])) == result.iterations_done
+    assert np.all(np.isfinite(result.history.get("loss", []))) and np.all(np.isfinite(result.object))
 
 
 def test_callback_can_stop_and_sees_object(tiny_plan_dict):
@@ -148,6 +150,20 @@ def test_missing_optics_value_is_a_plan_error(tmp_path):
     plan = plan_from_dict({"data": {"path": str(tmp_path / "p.npy")}, "iterations": 1})
     with pytest.raises(recon.PlanError, match="probe.energy_eV"):
         recon.reconstruct(plan)
+
+
+def test_npy_without_positions_needs_the_scan_step(tmp_path):
+    """Grid indices are not Å: a .npy stack without positions must not silently use a 1 Å step."""
+    np.save(tmp_path / "p.npy", np.ones((4, 4, 16, 16), np.float32))
+    optics = {"probe": {"energy_eV": 80e3, "semiangle_mrad": 20.0, "defocus_A": 0.0}, "detector": {"dk_invA": 0.1}}
+    plan = plan_from_dict({"data": {"path": str(tmp_path / "p.npy")}, "iterations": 1, **optics})
+    with pytest.raises(recon.PlanError, match="scan.step_A"):
+        recon.reconstruct(plan)
+    stepped = plan_from_dict({"data": {"path": str(tmp_path / "p.npy")}, "iterations": 1, "scan": {"step_A": 0.7},
+                              **optics})
+    result = recon.reconstruct(stepped)
+    spacing = np.diff(np.unique(np.round(result.positions_yx_A[:, 1], 4)))
+    assert result.plan.scan.step_A == 0.7 and spacing == pytest.approx(np.full(3, 0.7), rel=1e-4)
 
 
 def test_supersampled_object_halves_the_pixel(tiny_plan_dict):

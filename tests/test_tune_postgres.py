@@ -22,9 +22,10 @@ import pytest
 from optuna.trial import TrialState
 
 from tune import budget
+from tune.record import TrialRecord
 from tune.study import storage_url
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]  # a database server and worker processes
 
 
 def server_binaries() -> Path | None:
@@ -94,7 +95,7 @@ def test_workers_share_a_postgresql_study(tmp_path, tiny_data_path, postgres_url
     trials = optuna.load_study(study_name="pg", storage=storage_url(postgres_url, study)).get_trials()
     counts = budget.count(trials)
     assert counts.complete == 8 and counts.failed == 0 and counts.running == 0 and counts.finished == 8
-    assert {t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE} <= {0, 7}
+    assert {TrialRecord.read(t).worker for t in trials if t.state == TrialState.COMPLETE} <= {0, 7}
     assert "worker 7: joined study pg" in joined and "worker 7: done" in joined
     status = subprocess.run([*command, "status", str(study), "--storage", postgres_url], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)

@@ -1,7 +1,8 @@
 """tune.report (CSV + self-contained HTML) and tune.dashboard (optuna-dashboard server).
 
-Small studies are built in tmp_path with the user attributes the workers record, and small
-result / ground-truth HDF5 files written here (no shared data, no JAX).
+Small studies are built in tmp_path with the search parameters and trial records workers write
+(`tune.space.suggest`, `tune.record.TrialRecord`), and small result / ground-truth HDF5 files
+written here (no shared data, no reconstruction).
 """
 
 from __future__ import annotations
@@ -27,12 +28,22 @@ from matplotlib.figure import Figure
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import TrialState
 
-from tune.dashboard import close_storage, open_storage
+from tune.launch import write_study_report
+from tune.readonly import close_storage, open_for_reading
+from tune.record import TrialRecord, write
 from tune.report import write_report
+from tune.schema import SearchSpec, score_key
+from tune.space import resolve_search, suggest
+from tune.study import load_study
 
 REPO = Path(__file__).resolve().parents[1]
 DX_A = 0.25
 SECTIONS = ("summary", "history", "importances", "parallel", "slices", "intermediate", "timeline", "reconstructions")
+LR, DEFOCUS = "optimizers.object.learning_rate", "probe.defocus_A"
+PARAMS = resolve_search({f"recon.{LR}": SearchSpec(low=1e-3, high=1.0, log=True),
+                         f"recon.{DEFOCUS}": SearchSpec(low=-300, high=100),
+                         "recon.noise_model.name": SearchSpec(choices=("amplitude", "poisson"))},
+                        {"data": {"path": "data.h5"}}, "test")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -43,10 +54,10 @@ def truth_phase(n: int = 64) -> np.ndarray:
     return 0.3 * (np.cos(4 * y) * np.cos(4 * x) + 1) + 0.1 * np.sin(3 * x + 2 * y)
 
 
-def write_truth(path: Path) -> Path:
-    """A dataset file in the native layout: /ground_truth/phase_sum, scan positions, dx_A."""
+def write_truth(path: Path, key: str = "ground_truth/phase_sum") -> Path:
+    """A dataset file in the native layout: the true phase at `key`, scan positions, dx_A."""
     with h5py.File(path, "w") as f:
-        f["ground_truth/phase_sum"] = truth_phase()
+        f[key] = truth_phase()
         grid = np.arange(4.0, 12.01, 1.0)
         f["scan/positions_yx_A"] = np.stack(np.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
         f.attrs["dx_A"] = DX_A
@@ -75,23 +86,11 @@ def png_bytes(value: float) -> bytes:
 
 
 def record(trial: optuna.Trial, worker: int, scores: dict[str, float], artifacts: dict[str, str]) -> None:
-    """The user attributes a worker records (contract with tune's core)."""
-    attrs = {
-        "plan": "iterations: 20\noptimizers:\n  object: {learning_rate: 0.05}\n",
-        "seed": trial.number,
-        "metrics": scores,
-        "loss_curve": [1.0, 0.5, 0.25],
-        "compile_s": 3.0 if trial.number < 2 else 0.0,
-        "run_s": 1.5,
-        "score_s": 0.2,
-        "host": "node1",
-        "device": "cpu:0",
-        "worker": worker,
-        "compile_count": 1,
-        "artifacts": artifacts,
-    }
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
+    """What a worker records for a trial."""
+    write(trial, TrialRecord(
+        plan="iterations: 20\noptimizers:\n  object: {learning_rate: 0.05}\n", seed=trial.number, metrics=scores,
+        loss_curve=[1.0, 0.5, 0.25], compile_s=3.0 if trial.number < 2 else 0.0, run_s=1.5, score_s=0.2,
+        host="node1", device="cpu:0", worker=worker, compile_count=1, artifacts=artifacts))
 
 
 def build_study(tmp_path: Path, directions: list[str], states: list[TrialState], results: bool = True) -> str:
@@ -106,9 +105,8 @@ def build_study(tmp_path: Path, directions: list[str], states: list[TrialState],
             study.set_metric_names(["nrmse", "runtime_s"])
     for number, state in enumerate(states):
         trial = study.ask()
-        lr = trial.suggest_float("lr", 1e-3, 1.0, log=True)
-        defocus = trial.suggest_float("defocus_A", -300, 100)
-        trial.suggest_categorical("noise_model", ["amplitude", "poisson"])
+        values = suggest(trial, PARAMS)
+        lr, defocus = values[LR], values[DEFOCUS]
         nrmse = 0.2 + 0.1 * number + 0.05 * lr + abs(defocus + 100) / 1e4  # ranked by trial number
         artifacts = {"phase_png": upload_artifact(
             artifact_store=store, file_path=str(save(tmp_path / f"p{number}.png", png_bytes(nrmse))),
@@ -117,15 +115,16 @@ def build_study(tmp_path: Path, directions: list[str], states: list[TrialState],
             artifacts["result_h5"] = upload_artifact(
                 artifact_store=store, file_path=str(write_result(tmp_path / "r0.h5", 0.02, 0)), study_or_trial=trial)
         if results and number == 1:
-            trial.set_user_attr("result_path", str(write_result(tmp_path / "r1.h5", 0.05, 1)))
-        record(trial, number % 2, {"nrmse": nrmse, "ssim": 1 - nrmse, "frc_resolution_A": 1.0 + nrmse}, artifacts)
+            write(trial, TrialRecord(result_path=str(write_result(tmp_path / "r1.h5", 0.05, 1))))
+        scores = {"nrmse": nrmse, "ssim": 1 - nrmse, score_key("frc_resolution_A"): 1.0 + nrmse}
+        record(trial, number % 2, scores, artifacts)
         if len(directions) == 1:
             for step in range(0, 6, 2):
                 trial.report(nrmse + 1.0 / (step + 1), step)
         if number == len(states) - 1 and state == TrialState.FAIL:  # over the budget: failed, never run
-            trial.set_user_attr("surplus", True)
+            write(trial, TrialRecord(surplus=True))
         elif state == TrialState.FAIL:
-            trial.set_user_attr("fail_reason", "NaN loss at iteration 7")
+            write(trial, TrialRecord(fail_reason="NaN loss at iteration 7"))
         if state == TrialState.RUNNING:
             continue
         values = [nrmse, 1.0 + lr][: len(directions)] if state == TrialState.COMPLETE else None
@@ -162,8 +161,8 @@ def test_report_sections_csv_and_images(tmp_path: Path) -> None:
 
     table = pd.read_csv(paths.csv)
     assert len(table) == len(MIXED) + 1
-    assert {"user_attrs_metrics_nrmse", "user_attrs_artifacts_phase_png", "params_lr"} <= set(table.columns)
-    assert json.loads(table["user_attrs_loss_curve"][0]) == [1.0, 0.5, 0.25]
+    assert {f"params_{p.name}" for p in PARAMS} <= set(table.columns)
+    assert_csv_holds_the_record(table.iloc[0], optuna.load_study(study_name="s", storage=url).trials[0])
     assert table["user_attrs_surplus"].fillna(False).astype(bool).sum() == 1
 
     page = paths.html.read_text()
@@ -178,6 +177,38 @@ def test_report_sections_csv_and_images(tmp_path: Path) -> None:
     # trials 0 and 1 are drawn against the truth from their result files, trial 2 falls back to its image
     assert len(re.findall(r'<img alt="trial \d+" src="data:image/png;base64,', page)) == 3
     assert "(images stored by the worker)" in page
+
+
+def assert_csv_holds_the_record(row: pd.Series, trial: optuna.trial.FrozenTrial) -> None:
+    """Every recorded attribute is in the row: dictionaries flattened, lists as JSON."""
+    record = TrialRecord.read(trial)
+    assert len(record.model_fields_set) >= 10
+    for name in record.model_fields_set:
+        value, column = getattr(record, name), f"user_attrs_{name}"
+        if isinstance(value, dict):
+            assert {k: row[f"{column}_{k}"] for k in value} == pytest.approx(value), name
+        elif isinstance(value, list):
+            assert json.loads(row[column]) == value, name
+        else:
+            assert row[column] == value, name
+
+
+def test_report_uses_the_studys_ground_truth_key(tmp_path: Path) -> None:
+    """The report scores the best reconstructions against the study's data.ground_truth, not the default key."""
+    write_truth(tmp_path / "truth.h5", key="truth/phase")
+    study_path = tmp_path / "study.yml"
+    study_path.write_text("study: {name: s, n_trials: 2}\n"
+                          "data: {path: truth.h5, patterns: dp, ground_truth: truth/phase}\n"
+                          f"search: {{recon.{DEFOCUS}: {{low: -300, high: 100}}}}\n")
+    config = load_study(study_path)
+    study = optuna.create_study(study_name="s", storage=config.storage_url)
+    trial = study.ask()
+    suggest(trial, config.params)
+    write(trial, TrialRecord(result_path=str(write_result(tmp_path / "r.h5", 0.02, 0)), metrics={"nrmse": 0.1}))
+    study.tell(trial, 0.1)
+    page = write_study_report(config).read_text()
+    assert "Ground truth not used" not in page and "No ground truth given" not in page
+    assert len(re.findall(r'<img alt="trial 0" src="data:image/png;base64,', page)) == 1
 
 
 def test_zero_complete_trials(tmp_path: Path) -> None:
@@ -220,13 +251,13 @@ def test_multi_objective(tmp_path: Path) -> None:
 
 def test_open_storage_never_creates_a_database(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        open_storage(f"sqlite:///{tmp_path / 'missing.db'}")
+        open_for_reading(f"sqlite:///{tmp_path / 'missing.db'}")
     assert not (tmp_path / "missing.db").exists()
 
 
 def test_read_only_storage_reads_and_refuses_writes(tmp_path: Path) -> None:
     url = build_study(tmp_path, ["minimize"], [TrialState.COMPLETE], results=False)
-    storage = open_storage(url, read_only=True)
+    storage = open_for_reading(url, read_only=True)
     try:
         study = optuna.load_study(study_name="s", storage=storage)
         assert len(study.trials) == 1
@@ -265,10 +296,11 @@ def get(url: str, deadline: float) -> bytes:
             time.sleep(0.2)
 
 
+@pytest.mark.slow  # a server process
 def test_dashboard_serves_studies_and_artifacts(tmp_path: Path) -> None:
     url = build_study(tmp_path, ["minimize"], [TrialState.COMPLETE, TrialState.COMPLETE])
     trial = optuna.load_study(study_name="s", storage=url).trials[1]
-    artifact_id = trial.user_attrs["artifacts"]["phase_png"]
+    artifact_id = TrialRecord.read(trial).artifacts["phase_png"]
     port = free_port()
     code = f"from tune.dashboard import serve; serve({url!r}, {str(tmp_path / 'artifacts')!r}, port={port})"
     server = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE)

@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import yaml
 from optuna.distributions import CategoricalDistribution
 
 import recon
 from tune.space import suggest, trial_plan
 from tune.study import load_study
 
-STUDIES = sorted(p for p in (Path(__file__).resolve().parents[1] / "studies").glob("*.yml")
-                 if not p.name.endswith("_recon.yml"))
+REPO = Path(__file__).resolve().parents[1]
+STUDIES = sorted(p for p in (REPO / "studies").glob("*.yml") if not p.name.endswith("_recon.yml"))
 
 
 def two_values(distribution) -> tuple:
@@ -50,6 +51,28 @@ def test_shipped_studies_validate():
     for path in STUDIES:
         config = load_study(path)
         assert config.params and config.budget >= 30
+
+
+def test_shipped_files_name_the_data_they_need():
+    """From a clean clone every study and plan either simulates its data or names, in one `# data:`
+    comment line, the file of the user's its data.path (relative to the study file) points at."""
+    for path in sorted((REPO / "studies").glob("*.yml")):
+        text = path.read_text()
+        data = yaml.safe_load(text)["data"]
+        if "simulate" in data:
+            continue
+        file = Path(data["path"])
+        assert not file.is_absolute() and ".." not in file.parts, path.name
+        assert [line for line in text.splitlines() if line.startswith("# data:") and file.name in line], path.name
+
+
+def test_no_machine_paths_in_the_repository():
+    machine = ("/wo" "rk/", "../../sha" "red")  # split, so that this file does not match itself
+    files = [REPO / "README.md", REPO / "pyproject.toml", *(p for folder in ("recon", "metrics", "tune", "tests",
+             "studies", "benchmarks", ".ci") for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".yml", ".md", "")
+             and p.is_file())]
+    found = [f"{p.relative_to(REPO)}: {m}" for p in files for m in machine if m in p.read_text(errors="replace")]
+    assert not found
 
 
 def test_trial_plans_are_fresh_and_never_share_state():

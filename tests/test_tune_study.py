@@ -15,11 +15,15 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from recon.plan import PlanError
+from recon.plan import Plan, PlanError
 from tune import budget
 from tune.launch import worker_slots
+from tune.record import TrialRecord
+from tune.space import suggest
+from tune.storage import open_storage
 from tune.strategy import build_pruner, build_sampler, worker_seed
 from tune.study import load_study, storage_url
+from tune.worker import join_study
 
 GOOD = """\
 study: {name: s1, n_trials: 4}
@@ -113,6 +117,17 @@ def test_validation_errors_name_the_key(tmp_path, text, expected):
     assert expected in message, message
 
 
+def test_a_partial_group_keeps_the_plan_defaults(tmp_path):
+    """optimizers.object: {name: adam, learning_rate: 0.05} must not turn the cosine schedule into constant."""
+    extra = ("recon: {optimizers: {object: {name: adam, learning_rate: 0.05}},"
+             " constraints: {position_recentering: {start: 5}}}")
+    config = load_study(write(tmp_path, with_search("{recon.probe.defocus_A: {low: 1, high: 3}}", extra)))
+    plan, default = config.base_plan, Plan.model_validate({"data": {"path": "x.h5"}})
+    assert plan.optimizers.object == default.optimizers.object.model_copy(update={"learning_rate": 0.05})
+    assert plan.optimizers.object.schedule == "cosine" and plan.optimizers.probe == default.optimizers.probe
+    assert plan.constraints.position_recentering.enabled and plan.constraints.position_recentering.start == 5
+
+
 def test_missing_data_file_and_keys_are_reported(tmp_path):
     from tune.study import check_data
 
@@ -171,8 +186,11 @@ def test_storage_urls_resolve_beside_the_study_file(tmp_path):
     assert storage_url("postgresql://u@h/db", study).endswith("://u@h/db")  # with a driver that is installed
 
 
-@pytest.mark.parametrize("name", ["tpe", "cmaes", "random", "qmc", "nsga2", "grid", "gp"])
-def test_every_sampler_builds(tmp_path, name):
+@pytest.mark.parametrize("name, cls", [
+    ("tpe", "TPESampler"), ("cmaes", "CmaEsSampler"), ("random", "RandomSampler"), ("qmc", "QMCSampler"),
+    ("nsga2", "NSGAIISampler"), ("grid", "GridSampler"), ("gp", "GPSampler"),
+])
+def test_every_sampler_builds(tmp_path, name, cls):
     if name == "gp":
         pytest.importorskip("torch", reason="the gp sampler needs PyTorch")
     if name == "cmaes":
@@ -180,21 +198,23 @@ def test_every_sampler_builds(tmp_path, name):
     search = "{recon.probe.defocus_A: {low: -100, high: 0, step: 50}, recon.noise_model.name: {choices: [amplitude, poisson]}}"
     text = with_search(search).replace("n_trials: 4}", f"n_trials: 4, sampler: {{name: {name}, seed: 3}}}}")
     config = load_study(write(tmp_path, text))
-    sampler = build_sampler(config.spec.study.sampler, config.params, 1)
-    assert isinstance(sampler, optuna.samplers.BaseSampler)
+    sampler = build_sampler(config.spec.study.sampler, config.params, 1, 0)
+    assert type(sampler).__name__ == cls
     if name == "grid":
         assert config.budget == 4  # 3 defocus values x 2 noise models = 6 > n_trials
 
 
-@pytest.mark.parametrize("pruner", [
-    "{name: none}", "{name: median, options: {n_startup_trials: 2}}", "{name: percentile, options: {percentile: 25}}",
-    "{name: successive_halving}", "{name: hyperband, options: {min_resource: 2}}", "{name: wilcoxon}",
-    "{name: threshold, options: {upper: 1.0}}", "{name: patient, options: {patience: 2}, wrapped: {name: median}}",
+@pytest.mark.parametrize("pruner, cls", [
+    ("{name: none}", "NopPruner"), ("{name: median, options: {n_startup_trials: 2}}", "MedianPruner"),
+    ("{name: percentile, options: {percentile: 25}}", "PercentilePruner"),
+    ("{name: successive_halving}", "SuccessiveHalvingPruner"), ("{name: hyperband, options: {min_resource: 2}}", "HyperbandPruner"),
+    ("{name: wilcoxon}", "WilcoxonPruner"), ("{name: threshold, options: {upper: 1.0}}", "ThresholdPruner"),
+    ("{name: patient, options: {patience: 2}, wrapped: {name: median}}", "PatientPruner"),
 ])
-def test_every_pruner_builds(tmp_path, pruner):
+def test_every_pruner_builds(tmp_path, pruner, cls):
     text = with_search("{recon.probe.defocus_A: {low: 1, high: 3}}").replace("n_trials: 4}", f"n_trials: 4, pruner: {pruner}}}")
     config = load_study(write(tmp_path, text))
-    assert isinstance(build_pruner(config.pruner), optuna.pruners.BasePruner)
+    assert type(build_pruner(config.pruner)).__name__ == cls
 
 
 def test_multi_objective_defaults_to_no_pruning(tmp_path):
@@ -204,9 +224,24 @@ def test_multi_objective_defaults_to_no_pruning(tmp_path):
 
 
 def test_worker_seeds_differ_and_are_reproducible():
-    seeds = [worker_seed(7, i) for i in range(4)]
-    assert len(set(seeds)) == 4 and seeds == [worker_seed(7, i) for i in range(4)]
-    assert worker_seed(None, 0) is None and worker_seed(7, None) != worker_seed(7, None)
+    seeds = [worker_seed(7, i, 0) for i in range(4)]
+    assert len(set(seeds)) == 4 and seeds == [worker_seed(7, i, 0) for i in range(4)]
+    assert worker_seed(7, 0, 0) != worker_seed(7, 0, 12)  # a worker started again on a resumed study
+    assert worker_seed(None, 0, 0) is None and worker_seed(7, None, 0) != worker_seed(7, None, 0)
+
+
+def test_a_worker_started_again_draws_new_settings(tmp_path):
+    """Ctrl-C and `tune start` again: the new worker 0 must not replay the first worker 0's samples."""
+    config = load_study(write(tmp_path, GOOD))
+    storage = open_storage(config.storage_url)
+    drawn = []
+    for _start in range(2):
+        study = join_study(config, storage, 0)
+        for _ in range(3):
+            trial = study.ask()
+            drawn.append(tuple(suggest(trial, config.params).values()))
+            study.tell(trial, 1.0)
+    assert len(set(drawn)) == len(drawn) == 6
 
 
 def test_worker_slots_spread_over_devices():
@@ -220,7 +255,7 @@ def test_worker_slots_spread_over_devices():
 def _trial(number: int, state: TrialState, **system_attrs) -> optuna.trial.FrozenTrial:
     values = {"value": 1.0} if state == TrialState.COMPLETE else {}
     t = create_trial(state=state, **values, system_attrs=system_attrs,
-                     user_attrs={"surplus": True} if system_attrs.pop("surplus", False) else {})
+                     user_attrs=TrialRecord(surplus=system_attrs.pop("surplus", False)).model_dump(exclude_defaults=True))
     t.number = number
     return t
 

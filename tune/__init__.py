@@ -1,7 +1,11 @@
 """tune: the study harness and the `tune` command.
 
-A study file (`tune.study`) describes the search; workers (`tune.worker`) run trials built from
-pure configuration (`tune.space`) through `recon` and score them with `metrics`
-(`tune.objective`), sharing one Optuna storage (`tune.storage`) under a study-wide budget
-(`tune.budget`). `tune.launch` runs one worker per device; `tune.cli` is the command line.
+The study file's schema (`tune.schema`) is validated into a `StudyConfig` (`tune.study`) with its
+search space (`tune.space`) and sampler and pruner (`tune.strategy`). Workers (`tune.worker`) run
+trials (`tune.objective`) through `recon`, score them with `metrics` and record them
+(`tune.record`), sharing one Optuna storage (`tune.storage`) under a study-wide budget
+(`tune.budget`). `tune.ranking` says which trials are best; `tune.progress` shows them;
+`tune.launch` runs one worker per device; the report is `tune.report` (with `tune.report_data`,
+`tune.figures`, `tune.panels`); `tune.cli` is the command line. Imports go one way: schema before
+space before strategy before study, and nothing imports back.
 """

@@ -19,7 +19,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-SURPLUS_ATTR = "surplus"
+from tune.record import TrialRecord
 
 
 def requeued_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
@@ -30,7 +30,8 @@ def requeued_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
 
 
 def is_surplus(trial: FrozenTrial) -> bool:
-    return bool(trial.user_attrs.get(SURPLUS_ATTR, False))
+    """Created after the budget was used: failed, never run, counted nowhere."""
+    return bool(TrialRecord.read(trial).surplus)
 
 
 @dataclass(frozen=True)

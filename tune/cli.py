@@ -12,7 +12,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import jax
+
+import metrics
+from metrics.cli import score_main
 from recon.plan import PlanError
+from tune.dashboard import serve
+from tune.export import best_plan_text
+from tune.launch import start, worker_slots, write_study_report
+from tune.progress import status_report
+from tune.schema import ScoringSpec
+from tune.single import run_plan
+from tune.storage import load_existing
+from tune.study import load_study
+from tune.worker import run_worker
 
 DESCRIPTION = """\
 Hyperparameter optimisation for electron ptychography.
@@ -25,6 +38,8 @@ Hyperparameter optimisation for electron ptychography.
   tune report study.yml                    CSV of all trials and one HTML dashboard
   tune dashboard study.yml                 optuna-dashboard with per-trial images
   tune score ...                           score a result against ground truth
+  tune inspect DATA                        what a data file holds and what a plan must still set
+  tune init DATA -o study.yml              a starter study for your own data (no ground truth needed)
 
 Run `tune COMMAND --help` for the options of each command."""
 
@@ -88,10 +103,30 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--data", metavar="PATH", help="override data.path")
     c.add_argument("--out", type=Path, metavar="RESULT", help="result file (default: <plan stem>_result.h5)")
     c.add_argument("--score", action="store_true", help="score the result against the data file's ground truth")
-    c.add_argument("--ground-truth", default="ground_truth/phase_sum", metavar="KEY",
-                   help="HDF5 dataset of the true phase for --score (default ground_truth/phase_sum)")
+    c.add_argument("--ground-truth", default=metrics.GROUND_TRUTH_KEY, metavar="KEY",
+                   help=f"HDF5 dataset of the true phase for --score (default {metrics.GROUND_TRUTH_KEY})")
     c.add_argument("--roi", choices=("scan", "full"), default="scan", help="--score: region scored (default scan)")
     c.add_argument("--margin-A", type=float, default=0.0, metavar="A", help="--score: margin around the scan in Å")
+
+    c = sub.add_parser("inspect", help="show what a data file holds and what a plan must still set",
+                       description="Read a data file as a reconstruction would (detector formats: EMPAD .xml, "
+                                   "Merlin .mib, Gatan .dm3/.dm4, Arina, EMD/py4DSTEM; or HDF5/.npy) and print its "
+                                   "shape, dtype, calibration, disk centre and spread, counts and missing plan keys.")
+    c.add_argument("data", metavar="DATA", help="the data file")
+    c.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="a data.* key (data.format=mib, data.scan_shape=[64,64]) or a known value "
+                        "(probe.energy_eV, probe.semiangle_mrad, probe.defocus_A, detector.dk_invA, scan.step_A)")
+
+    c = sub.add_parser("init", help="write a starter study for a data file",
+                       description="Inspect DATA and write a study: nominal optics from the file (and --set), a "
+                                   "search over defocus, scan rotation, learning rates and TV, objective heldout_loss.")
+    c.add_argument("data", metavar="DATA", help="the data file")
+    c.add_argument("-o", "--output", type=Path, required=True, metavar="STUDY", help="study file to write")
+    c.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="as for tune inspect, e.g. --set probe.semiangle_mrad=21 --set scan.step_A=0.5")
+    c.add_argument("--name", help="study name (default: from the file name)")
+    c.add_argument("--trials", type=_positive, default=40, metavar="N", help="n_trials (default 40)")
+    c.add_argument("--iterations", type=_positive, default=30, metavar="N", help="iterations per trial (default 30)")
 
     sub.add_parser("score", help="score a result against ground truth (see tune score --help)", add_help=False)
     return p
@@ -100,8 +135,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["score"]:
-        from metrics.cli import score_main
-
         return score_main(argv[1:])
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=r".* is experimental \(supported from")  # Optuna's notices
@@ -116,9 +149,6 @@ def main(argv: list[str] | None = None) -> int:
 
 # --------------------------------------------------------------------------- commands
 def _start(args: argparse.Namespace) -> int:
-    from tune.launch import start, worker_slots
-    from tune.study import load_study
-
     config = load_study(args.study, args.storage)
     return start(config, worker_slots(args.devices, args.workers), report=not args.no_report)
 
@@ -126,28 +156,17 @@ def _start(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     if args.device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.device  # before JAX picks a device
-    from tune.study import load_study
-    from tune.worker import run_worker
-
     config = load_study(args.study, args.storage)
     return run_worker(config, args.index, f"gpu:{args.device}" if args.device is not None else _default_device())
 
 
 def _status(args: argparse.Namespace) -> int:
-    from tune.progress import status_report
-    from tune.storage import load_existing
-    from tune.study import load_study
-
     config = load_study(args.study, args.storage)
     print(status_report(load_existing(config), config))
     return 0
 
 
 def _best(args: argparse.Namespace) -> int:
-    from tune.export import best_plan_text
-    from tune.storage import load_existing
-    from tune.study import load_study
-
     config = load_study(args.study, args.storage)
     text, summary = best_plan_text(load_existing(config), config, args.trial, str(args.output or "PLAN"))
     if args.output is None:
@@ -159,10 +178,6 @@ def _best(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from tune.launch import write_study_report
-    from tune.storage import load_existing
-    from tune.study import load_study
-
     config = load_study(args.study, args.storage)
     load_existing(config)
     print(write_study_report(config, args.output))
@@ -170,10 +185,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from tune.dashboard import serve
-    from tune.storage import load_existing
-    from tune.study import load_study
-
     config = load_study(args.study, args.storage)
     load_existing(config)
     print(f"optuna-dashboard for study {config.name}: http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
@@ -182,18 +193,31 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _recon(args: argparse.Namespace) -> int:
-    from tune.single import run_plan
-
-    from tune.study import ScoringSpec
-
     scoring = ScoringSpec(roi=args.roi, margin_A=args.margin_A) if args.score else None
     return run_plan(Path(args.plan), iterations=args.iterations, data=args.data, out=args.out,
                     scoring=scoring, ground_truth=args.ground_truth)
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from recon.plan import parse_overrides
+    from tune.inspect import format_inspection, inspect_data
+
+    print(format_inspection(inspect_data(args.data, parse_overrides(args.settings))))
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from recon.plan import parse_overrides
+    from tune.inspect import inspect_data, write_starter_study
+
+    ins = inspect_data(args.data, parse_overrides(args.settings))
+    print(write_starter_study(ins, args.output, name=args.name, n_trials=args.trials, iterations=args.iterations))
+    return 0
+
+
 COMMANDS: dict[str, Any] = {
     "start": _start, "worker": _worker, "status": _status, "best": _best, "report": _report,
-    "dashboard": _dashboard, "recon": _recon,
+    "dashboard": _dashboard, "recon": _recon, "inspect": _inspect, "init": _init,
 }
 
 
@@ -218,8 +242,6 @@ def _env_index() -> int | None:
 
 
 def _default_device() -> str:
-    import jax
-
     d = jax.devices()[0]
     return f"{d.platform}:{d.id}"
 

@@ -1,78 +1,13 @@
-"""Gentle storage access and the optuna-dashboard server (`tune dashboard`).
-
-SQLite beside busy workers (optuna-dashboard #545, "database is locked"): the dashboard and the report
-open the database with no connection pool (``NullPool``: a connection lives only for one request, so
-no idle connection or open transaction lingers between requests) and a long busy timeout (SQLite
-waits up to ``busy_timeout_s`` for a worker's write to finish instead of failing at once).
-``read_only=True`` additionally opens the file with ``mode=ro``, so the dashboard can never take a
-write lock (notes, deleting trials and other edits in the web UI then fail; the workers never do).
-"""
+"""`tune dashboard`: optuna-dashboard on a study's storage and artifact store."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import optuna
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
+import optuna_dashboard
 
-DEFAULT_BUSY_TIMEOUT_S = 60.0
-
-
-def is_sqlite_url(url: str) -> bool:
-    """True for ``sqlite:///...`` storage URLs."""
-    return url.startswith("sqlite")
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a SQLite URL (None for in-memory databases)."""
-    database = make_url(url).database
-    if not database or database == ":memory:":
-        return None
-    return Path(database.removeprefix("file:"))
-
-
-def read_only_sqlite_url(url: str) -> str:
-    """The same SQLite database opened through a read-only URI (``mode=ro``)."""
-    path = sqlite_path(url)
-    if path is None:
-        raise ValueError(f"read-only needs a SQLite file, got {url!r}")
-    return f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
-
-
-def open_storage(
-    url: str, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S, read_only: bool = False
-) -> optuna.storages.BaseStorage:
-    """Open an existing study storage for reading beside running workers.
-
-    A URL with a scheme is an RDB (SQLite: no pool, ``busy_timeout_s``, optionally read-only;
-    others: ``pool_pre_ping``); anything else is an Optuna journal file. Never creates a database.
-    """
-    if "://" not in url:
-        if not Path(url).is_file():
-            raise FileNotFoundError(f"no journal storage file {url}")
-        backend = optuna.storages.journal.JournalFileBackend(url)
-        return optuna.storages.JournalStorage(backend)
-    engine_kwargs: dict[str, object]
-    if is_sqlite_url(url):
-        path = sqlite_path(url)
-        if path is not None and not path.is_file():
-            raise FileNotFoundError(f"no SQLite storage file {path}")
-        engine_kwargs = {"poolclass": NullPool, "connect_args": {"timeout": busy_timeout_s}}
-        if read_only:
-            url = read_only_sqlite_url(url)
-    else:
-        engine_kwargs = {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(
-        url, engine_kwargs=engine_kwargs, skip_compatibility_check=True, skip_table_creation=True
-    )
-
-
-def close_storage(storage: optuna.storages.BaseStorage) -> None:
-    """Release every connection a storage from :func:`open_storage` holds."""
-    if isinstance(storage, optuna.storages.RDBStorage):
-        storage.remove_session()
-        storage.engine.dispose()
+from tune.readonly import DEFAULT_BUSY_TIMEOUT_S, close_storage, open_for_reading
 
 
 def serve(
@@ -89,9 +24,7 @@ def serve(
     Blocks until interrupted. Binds to 127.0.0.1 by default: the dashboard has no authentication
     and can delete studies, so expose it only through an SSH tunnel or a trusted network.
     """
-    import optuna_dashboard
-
-    storage = open_storage(storage_url, busy_timeout_s=busy_timeout_s, read_only=read_only)
+    storage = open_for_reading(storage_url, busy_timeout_s=busy_timeout_s, read_only=read_only)
     store = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
     try:
         optuna_dashboard.run_server(storage, host=host, port=port, artifact_store=store)

@@ -17,10 +17,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import optuna
 
+import metrics
 from tune import budget
 from tune.progress import progress_line
+from tune.report import write_report
 from tune.storage import create_or_load, open_storage
 from tune.study import StudyConfig, check_data
 from tune.worker import ensure_data
@@ -91,8 +94,6 @@ def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True) -> 
 def _simulate_on_cpu(config: StudyConfig) -> None:
     """Write a simulated dataset in this process, on the CPU, so it never holds GPU memory."""
     if config.spec.data.simulate is not None and not config.data_path.is_file():
-        import jax
-
         jax.config.update("jax_platforms", "cpu")
         print(f"simulating the dataset: {config.data_path}", flush=True)
         ensure_data(config)
@@ -136,11 +137,11 @@ def _finished(study: optuna.Study, config: StudyConfig) -> bool:
 
 
 def write_study_report(config: StudyConfig, out_dir: Path | None = None) -> Path:
-    """Write the CSV and HTML report of the study (tune.report); returns the HTML file."""
-    from tune.report import write_report
-
-    truth = config.data_path if config.spec.data.ground_truth is not None else None
-    scoring = config.spec.objective.scoring
-    paths = write_report(config.storage_url, config.name, out_dir or config.output_dir / "report", ground_truth=truth,
-                         artifact_dir=config.artifact_dir, score_options={"roi": scoring.roi, "margin_A": scoring.margin_A})
+    """Write the CSV and HTML report of the study (tune.report); returns the HTML file. The best
+    reconstructions are scored as the trials were: the study's ground-truth key and scoring options."""
+    key = config.spec.data.ground_truth
+    paths = write_report(config.storage_url, config.name, out_dir or config.output_dir / "report",
+                         ground_truth=None if key is None else config.data_path,
+                         ground_truth_key=key or metrics.GROUND_TRUTH_KEY,
+                         artifact_dir=config.artifact_dir, score_options=config.spec.objective.scoring.model_dump())
     return paths.html

@@ -1,18 +1,5 @@
-"""One trial: build its plan, reconstruct, score against the ground truth, record everything.
-
-What a trial records (Optuna user attributes):
-  worker, host, device, pid         who ran it
-  plan, seed                        the fully resolved plan (YAML) and its random seed
-  compile_s, run_s, score_s         seconds spent compiling, iterating and scoring
-  compile_count, compiled           programs compiled by this worker so far / during this trial
-  iterations_done, stop_reason      how the reconstruction ended
-  loss_curve, data_loss_curve       the loss curves (one value per iteration)
-  metrics                           every score: {nrmse, ssim, frc_..., heldout_loss, data_loss, runtime_s, ...}
-  artifacts                         {phase_png | frc_png | result_h5: artifact id} in <output>/artifacts
-  result_path                       the kept result HDF5 (output.keep)
-  fail_reason                       why a trial failed (exception, out of memory, divergence, interruption)
-  pruned_at                         the iteration at which it was pruned
-  surplus                           true for a trial created after the budget was used (never run)
+"""One trial: suggest settings, build their plan, reconstruct, score against the ground truth,
+record everything (`tune.record.TrialRecord`) and save the outputs (result file, images).
 """
 from __future__ import annotations
 
@@ -30,11 +17,15 @@ import numpy as np
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
+import metrics
 import recon
+from metrics.figure import save_phase_figure, save_score_figure
 from tune import budget
-from tune.progress import best_trials
+from tune.ranking import best_trials
+from tune.record import TrialRecord, write
+from tune.schema import GROUND_TRUTH_METRICS, score_key
 from tune.space import suggest, trial_plan
-from tune.study import GROUND_TRUTH_METRICS, StudyConfig
+from tune.study import StudyConfig
 
 #: How many points of a loss curve are stored per trial at most.
 MAX_CURVE_POINTS = 1000
@@ -67,112 +58,125 @@ class Objective:
         self.worker = worker
         self.budget_size = budget_size
         self.current: optuna.Trial | None = None
-        self._datasets: dict[Any, Any] = {}
-        self._scorer: Any = None
+        self._datasets: dict[Any, recon.Dataset] = {}
+        self._scorer: metrics.Scorer | None = None
         self._store = FileSystemArtifactStore(str(_mkdir(config.artifact_dir)))
 
     # ------------------------------------------------------------------ the trial
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         self.current = trial
         values = suggest(trial, self.config.params)
-        _set_attrs(trial, worker=self.worker.index, host=self.worker.host, device=self.worker.device, pid=self.worker.pid)
-        for stale in ("fail_reason", "pruned_at"):  # a re-run inherits the attributes of the attempt it replaces
-            if trial.user_attrs.get(stale) is not None:
-                trial.set_user_attr(stale, None)
+        self._record_worker(trial)
         if self._budget_used_before(trial):
-            trial.set_user_attr(budget.SURPLUS_ATTR, True)
+            write(trial, TrialRecord(surplus=True))
             trial.study.stop()
             raise TrialFailed(f"surplus: trials before #{trial.number} already use the budget of {self.budget_size}")
         try:
-            plan = trial_plan(self.config.base_plan, values, source=f"trial {trial.number}")
-            _set_attrs(trial, plan=plan.to_yaml(), seed=plan.seed)
-            return self._run(trial, plan)
+            plan = self._plan(trial, values)
+            result = self._run(trial, plan)
+            scores, report = self._score(trial, result)
+            objective = self._objective(trial, scores)
+            self._save_outputs(trial, result, report)
+            return objective
         except (optuna.TrialPruned, TrialFailed):
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted: the worker was stopped (SIGINT/SIGTERM)")
+            write(trial, TrialRecord(fail_reason="interrupted: the worker was stopped (SIGINT/SIGTERM)"))
             raise
         except Exception as err:  # one trial's error (out of memory included) never stops the worker
             raise _fail(trial, _one_line(err)) from None
+
+    def _record_worker(self, trial: optuna.Trial) -> None:
+        """Who runs the trial; a re-run drops the outcome of the attempt it replaces."""
+        w = self.worker
+        write(trial, TrialRecord(worker=w.index, host=w.host, device=w.device, pid=w.pid))
+        earlier = TrialRecord.read(trial)
+        if earlier.fail_reason is not None or earlier.pruned_at is not None:
+            write(trial, TrialRecord(fail_reason=None, pruned_at=None))
 
     def _budget_used_before(self, trial: optuna.Trial) -> bool:
         earlier = budget.count(trial.study.get_trials(deepcopy=False), below=trial.number)
         return earlier.used >= self.budget_size
 
-    def _run(self, trial: optuna.Trial, plan: recon.Plan) -> float | list[float]:
-        dataset = self._dataset(plan.data)
+    def _plan(self, trial: optuna.Trial, values: dict[str, Any]) -> recon.Plan:
+        """The base plan with the suggested values, validated, recorded with its seed."""
+        plan = trial_plan(self.config.base_plan, values, source=f"trial {trial.number}")
+        write(trial, TrialRecord(plan=plan.to_yaml(), seed=plan.seed))
+        return plan
+
+    def _run(self, trial: optuna.Trial, plan: recon.Plan) -> recon.Result:
+        """Reconstruct, reporting intermediate values; raises when pruned or diverged."""
         compiled_before = recon.compile_count()
         reporter = Reporter(trial, self._intermediate(), self.config.spec.objective.report_every,
                             prune=self.config.pruner.name != "none")
-        result = recon.reconstruct(plan, dataset=dataset, callback=reporter)
-        _set_attrs(trial, compile_s=result.compile_s, run_s=result.run_s, iterations_done=result.iterations_done,
-                   stop_reason=result.stop_reason, compile_count=recon.compile_count(),
-                   compiled=recon.compile_count() - compiled_before,
-                   loss_curve=_curve(result.history.get("loss")), data_loss_curve=_curve(result.history.get("data_loss")))
+        result = recon.reconstruct(plan, dataset=self._dataset(plan.data), callback=reporter)
+        write(trial, TrialRecord(
+            compile_s=result.compile_s, run_s=result.run_s, iterations_done=result.iterations_done,
+            stop_reason=result.stop_reason, compile_count=recon.compile_count(),
+            compiled=recon.compile_count() - compiled_before,
+            loss_curve=_curve(result.history.get("loss")), data_loss_curve=_curve(result.history.get("data_loss"))))
         if result.diverged:
             raise _fail(trial, f"diverged: {result.stop_reason}")
         if reporter.pruned_at is not None:
-            trial.set_user_attr("pruned_at", reporter.pruned_at)
+            write(trial, TrialRecord(pruned_at=reporter.pruned_at))
             raise optuna.TrialPruned(f"pruned at iteration {reporter.pruned_at}")
+        return result
 
+    def _score(self, trial: optuna.Trial, result: recon.Result) -> tuple[dict[str, float], metrics.ScoreReport | None]:
+        """Every score of a result (and the metrics ScoreReport, None without a ground truth), recorded."""
         start = time.perf_counter()
-        scores, report = self._score(result)
-        trial.set_user_attr("score_s", time.perf_counter() - start)
-        trial.set_user_attr("metrics", {k: v if math.isfinite(v) else None for k, v in scores.items()})
-        objective = [_objective_value(scores, m) for m in self.config.spec.objective.metrics]
-        bad = [m for m, v in zip(self.config.spec.objective.metrics, objective) if not math.isfinite(v)]
+        scorer = self.scorer
+        report = scorer.report(result) if scorer is not None else None
+        scores = {k: float(v) for k, v in (report.scores if report is not None else {}).items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        scores.update(heldout_loss=_float(result.heldout_loss), data_loss=_float(result.final_data_loss),
+                      runtime_s=float(result.run_s))
+        write(trial, TrialRecord(score_s=time.perf_counter() - start, metrics=scores))
+        return scores, report
+
+    def _objective(self, trial: optuna.Trial, scores: dict[str, float]) -> float | list[float]:
+        """The objective metrics' values; a trial fails when one is not a finite number."""
+        names = self.config.spec.objective.metrics
+        values = [_objective_value(scores, m) for m in names]
+        bad = [m for m, v in zip(names, values) if not math.isfinite(v)]
         if bad:
             raise _fail(trial, f"objective {', '.join(bad)} is not a finite number")
-        self._save_outputs(trial, result, report)
-        return objective[0] if len(objective) == 1 else objective
+        return values[0] if len(values) == 1 else values
 
     # ------------------------------------------------------------------ data and scoring
-    def _dataset(self, data: Any) -> Any:
+    def _dataset(self, data: Any) -> recon.Dataset:
         if data not in self._datasets:
             self._datasets[data] = recon.load_dataset(data)
         return self._datasets[data]
 
     @property
-    def scorer(self) -> Any:
+    def scorer(self) -> metrics.Scorer | None:
         """The ground-truth scorer (None without a ground truth), built on first use."""
         key = self.config.spec.data.ground_truth
         if self._scorer is None and key is not None:
-            import metrics
-
-            truth = metrics.GroundTruth.from_h5(self.config.data_path, key=key)
-            opts = self.config.spec.objective.scoring
-            self._scorer = metrics.Scorer(truth, roi=opts.roi, margin_A=opts.margin_A)
+            scoring = self.config.spec.objective.scoring
+            self._scorer = metrics.build_scorer(self.config.data_path, key, **scoring.model_dump())
         return self._scorer
 
     def _intermediate(self) -> Callable[[Any], float] | None:
         """The value reported every `report_every` iterations (None for multi-objective studies)."""
-        metrics = self.config.spec.objective.metrics
-        if len(metrics) > 1 or metrics[0] == "runtime_s":
+        names = self.config.spec.objective.metrics
+        if len(names) > 1 or names[0] == "runtime_s":
             return None
-        if metrics[0] not in GROUND_TRUTH_METRICS:
+        if names[0] not in GROUND_TRUTH_METRICS:
             return lambda progress: float(progress.data_loss)  # heldout_loss is pruned on the data loss
-        import metrics as scoring
-
-        name, scorer = metrics[0], self.scorer
+        name, scorer = names[0], self.scorer
+        assert scorer is not None
         quick = name != "ssim"  # quick scores skip SSIM and register more coarsely
 
         def value(progress: Any) -> float:
-            phase = scoring.Reconstruction(progress.object(), progress.dx_A, progress.origin_yx_A).phase_yx
+            phase = metrics.Reconstruction(progress.object(), progress.dx_A, progress.origin_yx_A).phase_yx
             return _objective_value(scorer.score_phase(phase, progress.dx_A, progress.origin_yx_A, quick=quick), name)
 
         return value
 
-    def _score(self, result: Any) -> tuple[dict[str, float], Any]:
-        """Every score of a result (and the metrics ScoreReport, None without a ground truth)."""
-        report = self.scorer.report(result) if self.scorer is not None else None
-        scores = {k: float(v) for k, v in (report.scores if report is not None else {}).items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        scores.update(heldout_loss=_float(result.heldout_loss), data_loss=_float(result.final_data_loss),
-                      runtime_s=float(result.run_s))
-        return scores, report
-
     # ------------------------------------------------------------------ artifacts and result files
-    def _save_outputs(self, trial: optuna.Trial, result: Any, report: Any) -> None:
+    def _save_outputs(self, trial: optuna.Trial, result: recon.Result, report: metrics.ScoreReport | None) -> None:
         """Keep the result file (output.keep) and upload the artifacts (output.artifacts)."""
         wanted, keep = self.config.artifacts, self.config.spec.output.keep
         ids: dict[str, str] = {}
@@ -182,24 +186,19 @@ class Objective:
                 folder = _mkdir(self.config.output_dir / "trials") if keep != "none" else Path(tmp)
                 result_file = result.save(folder / f"{stem}.h5")
                 if keep != "none":
-                    trial.set_user_attr("result_path", str(result_file))
+                    write(trial, TrialRecord(result_path=str(result_file)))
                 if "result_h5" in wanted:
                     ids["result_h5"] = self._upload(trial, result_file)
             if "score_png" in wanted and report is not None:
-                from metrics.figure import save_score_figure
-
                 ids["score_png"] = self._upload(trial, save_score_figure(Path(tmp) / f"{stem}_score.png", report,
                                                                          title=f"trial {trial.number}"))
             if "phase_png" in wanted:
-                from metrics import Reconstruction
-                from metrics.figure import save_phase_figure
-
                 phase_png = save_phase_figure(Path(tmp) / f"{stem}_phase.png",
-                                              Reconstruction(result.object, result.dx_A, result.origin_yx_A),
+                                              metrics.Reconstruction(result.object, result.dx_A, result.origin_yx_A),
                                               title=f"trial {trial.number}")
                 ids["phase_png"] = self._upload(trial, phase_png)
         if ids:
-            trial.set_user_attr("artifacts", ids)
+            write(trial, TrialRecord(artifacts=ids))
 
     def _upload(self, trial: optuna.Trial, path: Path) -> str:
         return upload_artifact(artifact_store=self._store, file_path=str(path), study_or_trial=trial)
@@ -226,27 +225,23 @@ class Reporter:
         return None
 
 
-def keep_best_results(study: optuna.Study, output_dir: Path) -> None:
+def keep_best_results(study: optuna.Study) -> None:
     """Delete the result files of finished trials that are not (any longer) among the best."""
     best = {t.number for t in best_trials(study)}
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        path = t.user_attrs.get("result_path")
+        path = TrialRecord.read(t).result_path
         if path and t.number not in best:
             Path(path).unlink(missing_ok=True)
 
 
-#: Objective metric names that metrics.Scorer reports under another name.
-SCORE_KEYS = {"frc_resolution_A": "frc_resolution_half_bit_A"}
-
-
 def _objective_value(scores: dict[str, Any], name: str) -> float:
     """An objective metric from a dict of scores (NaN if missing)."""
-    value = scores.get(SCORE_KEYS.get(name, name))
+    value = scores.get(score_key(name))
     return math.nan if value is None else float(value)
 
 
 def _fail(trial: optuna.Trial, reason: str) -> TrialFailed:
-    trial.set_user_attr("fail_reason", reason)
+    write(trial, TrialRecord(fail_reason=reason))
     return TrialFailed(reason)
 
 
@@ -267,13 +262,6 @@ def _curve(values: Any) -> list[float | None] | None:
     if arr.size > MAX_CURVE_POINTS:
         arr = arr[np.linspace(0, arr.size - 1, MAX_CURVE_POINTS).astype(int)]
     return [float(v) if math.isfinite(v) else None for v in arr]
-
-
-def _set_attrs(trial: optuna.Trial, **attrs: Any) -> None:
-    for key, value in attrs.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            value = None  # JSON has no NaN; the dashboard could not read it
-        trial.set_user_attr(key, value)
 
 
 def _mkdir(path: Path) -> Path:

@@ -8,15 +8,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tune import budget
+from tune.ranking import best_trials
+from tune.record import TrialRecord
 from tune.study import StudyConfig
-
-
-def best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The best trial (one metric) or the Pareto front (several); empty before any trial completes."""
-    try:
-        return study.best_trials
-    except ValueError:
-        return []
 
 
 def progress_line(study: optuna.Study, config: StudyConfig) -> str:
@@ -52,7 +46,7 @@ def status_report(study: optuna.Study, config: StudyConfig) -> str:
         values = ", ".join(f"{m} {v:.4g}" for m, v in zip(config.spec.objective.metrics, t.values))
         lines.append(f"best     trial {t.number}: {values}")
         lines.extend(f"           {name} = {value!r}" for name, value in t.params.items())
-    failures = Counter(t.user_attrs.get("fail_reason", "?").split(":")[0] for t in trials
+    failures = Counter((TrialRecord.read(t).fail_reason or "?").split(":")[0] for t in trials
                        if t.state == TrialState.FAIL and not budget.is_surplus(t))
     if failures:
         lines.append("failures " + ", ".join(f"{n} {reason}" for reason, n in failures.most_common()))
@@ -61,15 +55,16 @@ def status_report(study: optuna.Study, config: StudyConfig) -> str:
 
 
 def _worker_lines(trials: list[FrozenTrial]) -> list[str]:
-    done = [t for t in trials if t.state.is_finished() and "worker" in t.user_attrs and not budget.is_surplus(t)]
-    by_worker: dict[str, list[FrozenTrial]] = {}
-    for t in done:
-        key = f"{t.user_attrs['worker']} ({t.user_attrs.get('host', '?')}, {t.user_attrs.get('device', '?')})"
-        by_worker.setdefault(key, []).append(t)
+    by_worker: dict[str, list[TrialRecord]] = {}
+    for t in trials:
+        record = TrialRecord.read(t)
+        if t.state.is_finished() and record.worker is not None and not record.surplus:
+            key = f"{record.worker} ({record.host or '?'}, {record.device or '?'})"
+            by_worker.setdefault(key, []).append(record)
     lines = []
-    for key, ts in sorted(by_worker.items()):
-        runs = [t.user_attrs["run_s"] for t in ts if t.user_attrs.get("run_s") is not None]
-        compiles = max((t.user_attrs.get("compile_count") or 0 for t in ts), default=0)
+    for key, records in sorted(by_worker.items()):
+        runs = [r.run_s for r in records if r.run_s is not None]
+        compiles = max((r.compile_count or 0 for r in records), default=0)
         mean_run = f", {mean(runs):.1f} s per run" if runs else ""
-        lines.append(f"worker   {key}: {len(ts)} trials{mean_run}, {compiles} programs compiled")
+        lines.append(f"worker   {key}: {len(records)} trials{mean_run}, {compiles} programs compiled")
     return lines

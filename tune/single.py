@@ -6,16 +6,17 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+import metrics
+import recon
 from recon.plan import PlanError
-from tune.study import ScoringSpec
+from tune.schema import ScoringSpec
 
 
 def run_plan(path: Path, iterations: int | None = None, data: str | None = None, out: Path | None = None,
-             scoring: ScoringSpec | None = None, ground_truth: str = "ground_truth/phase_sum") -> int:
+             scoring: ScoringSpec | None = None, ground_truth: str = metrics.GROUND_TRUTH_KEY) -> int:
     """Run the plan, save the result, print a summary (and scores); 0 on success, 1 if it diverged."""
-    import recon
-    from tqdm import tqdm
-
     overrides: dict[str, Any] = {}
     if iterations is not None:
         overrides["iterations"] = iterations
@@ -47,11 +48,8 @@ def run_plan(path: Path, iterations: int | None = None, data: str | None = None,
     return 0
 
 
-def _scorer(data_path: str, key: str, scoring: ScoringSpec, plan_path: Path) -> Any:
-    import h5py
-    import metrics
-
-    with h5py.File(data_path, "r") as f:
-        if key not in f:
-            raise PlanError(f"{plan_path}: --ground-truth: no dataset {key!r} in {data_path}")
-    return metrics.Scorer(metrics.GroundTruth.from_h5(data_path, key=key), roi=scoring.roi, margin_A=scoring.margin_A)
+def _scorer(data_path: str, key: str, scoring: ScoringSpec, plan_path: Path) -> metrics.Scorer:
+    try:
+        return metrics.build_scorer(data_path, key, **scoring.model_dump())
+    except metrics.ScoringError as err:
+        raise PlanError(f"{plan_path}: --ground-truth: {err}") from None

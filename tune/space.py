@@ -18,7 +18,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from pydantic import BaseModel, ValidationError
 
 from recon.plan import Plan, PlanError, apply_overrides, model_in, plan_from_dict
-from tune.study import SearchSpec
+from tune.schema import SearchSpec
 
 PREFIX = "recon."
 

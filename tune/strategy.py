@@ -1,9 +1,10 @@
 """Samplers and pruners built from the study file.
 
 Optuna does not store samplers or pruners with the study: every worker builds its own from the
-study file. Each worker's sampler seed is derived from the study seed and the worker index, so
-workers do not propose identical settings (QMC is the exception: its workers must share one seed,
-and the sequence index comes from the trial number).
+study file. Each worker's sampler seed is derived from the study seed, the worker index and the
+number of trials stored when it starts, so workers do not propose identical settings and a worker
+started again on a resumed study draws new points instead of replaying its first ones (QMC is the
+exception: its workers must share one seed, and the sequence index comes from the trial number).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import optuna
 from optuna import pruners, samplers
 
 from recon.plan import PlanError
+from tune.schema import PrunerSpec, SamplerSpec
 from tune.space import SearchParam, grid
-from tune.study import PrunerSpec, SamplerSpec
 
 SAMPLERS: dict[str, Any] = {
     "tpe": samplers.TPESampler, "gp": samplers.GPSampler, "cmaes": samplers.CmaEsSampler,
@@ -34,8 +35,9 @@ PRUNERS: dict[str, Any] = {
 SAMPLER_PACKAGES = {"gp": "torch", "cmaes": "cmaes"}
 
 
-def worker_seed(study_seed: int | None, worker_index: int | None) -> int | None:
-    """A sampler seed for one worker, derived from the study seed and the worker index.
+def worker_seed(study_seed: int | None, worker_index: int | None, trials_stored: int) -> int | None:
+    """A sampler seed for one worker start, derived from the study seed, the worker index and the
+    number of trials the study held when the worker started (so every start draws new points).
 
     Without a worker index (a worker joined by hand) the seed is drawn at random, so that two
     such workers never propose the same settings."""
@@ -43,12 +45,13 @@ def worker_seed(study_seed: int | None, worker_index: int | None) -> int | None:
         return None
     if worker_index is None:
         return int(np.random.SeedSequence().generate_state(1)[0])
-    return int(np.random.SeedSequence([study_seed, worker_index]).generate_state(1)[0])
+    return int(np.random.SeedSequence([study_seed, worker_index, trials_stored]).generate_state(1)[0])
 
 
-def build_sampler(spec: SamplerSpec, params: tuple[SearchParam, ...], worker_index: int | None) -> optuna.samplers.BaseSampler:
-    """The sampler of one worker."""
-    seed = spec.seed if spec.name == "qmc" else worker_seed(spec.seed, worker_index)
+def build_sampler(spec: SamplerSpec, params: tuple[SearchParam, ...], worker_index: int | None,
+                  trials_stored: int) -> optuna.samplers.BaseSampler:
+    """The sampler of one worker start (see `worker_seed`)."""
+    seed = spec.seed if spec.name == "qmc" else worker_seed(spec.seed, worker_index, trials_stored)
     options = dict(spec.options)
     if spec.name == "grid":
         return samplers.GridSampler(grid(params), seed=seed, **options)
@@ -72,7 +75,7 @@ def check_strategy(sampler: SamplerSpec, pruner: PrunerSpec, params: tuple[Searc
     if sampler.name == "grid" and grid(params) is None:
         raise PlanError(f"{source}: study.sampler: the grid sampler needs choices, integer ranges or ranges with a step "
                         "for every search key")
-    _check_options("study.sampler", SAMPLERS[sampler.name], lambda: build_sampler(sampler, params, 0), source)
+    _check_options("study.sampler", SAMPLERS[sampler.name], lambda: build_sampler(sampler, params, 0, 0), source)
     if pruner.wrapped is not None and pruner.name != "patient":
         raise PlanError(f"{source}: study.pruner.wrapped: only the patient pruner wraps another pruner")
     if pruner.wrapped is not None:

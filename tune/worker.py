@@ -24,7 +24,9 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from tune import budget
+from recon.simulate import write_dataset
 from tune.objective import Objective, TrialFailed, WorkerInfo, keep_best_results
+from tune.record import TrialRecord
 from tune.storage import create_or_load, open_storage
 from tune.strategy import build_pruner, build_sampler
 from tune.study import StudyConfig, check_data
@@ -55,8 +57,6 @@ def ensure_data(config: StudyConfig) -> None:
     path = config.data_path
     if spec is None or path.is_file():
         return
-    from recon.simulate import write_dataset
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.h5")
     try:
@@ -64,6 +64,15 @@ def ensure_data(config: StudyConfig) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def join_study(config: StudyConfig, storage: optuna.storages.BaseStorage, index: int | None) -> optuna.Study:
+    """The study (created if needed) with the pruner and this worker's sampler, seeded anew at
+    every start from the trials already stored (`tune.strategy.worker_seed`)."""
+    study = create_or_load(config, storage, pruner=build_pruner(config.pruner))
+    stored = len(study.get_trials(deepcopy=False))
+    study.sampler = build_sampler(config.spec.study.sampler, config.params, index, stored)
+    return study
 
 
 def run_worker(config: StudyConfig, index: int | None, device: str,
@@ -80,7 +89,7 @@ def run_worker(config: StudyConfig, index: int | None, device: str,
         check_data(config)
         s = config.spec.study
         storage = open_storage(config.storage_url, s.heartbeat_interval_s, config.grace_period_s, s.max_retries)
-        study = create_or_load(config, storage, build_sampler(s.sampler, config.params, index), build_pruner(config.pruner))
+        study = join_study(config, storage, index)
         objective = Objective(config, WorkerInfo.here(index, device), config.budget)
         log(f"{name}: joined study {config.name} on {device}")
         _work(study, objective, config, lambda t: log(f"{name}: {describe_trial(t)}"))
@@ -99,7 +108,7 @@ def _work(study: optuna.Study, objective: Objective, config: StudyConfig, report
         if not budget.is_surplus(trial):
             report(trial)
         if config.spec.output.keep == "best" and trial.state == TrialState.COMPLETE:
-            keep_best_results(study, config.output_dir)
+            keep_best_results(study)
         if budget.count(study.get_trials(deepcopy=False)).used >= config.budget:
             study.stop()
 
@@ -128,14 +137,15 @@ def _requeue_interrupted(study: optuna.Study | None, objective: Objective | None
 def describe_trial(t: FrozenTrial) -> str:
     """One line about a finished trial."""
     state = t.state.name.lower()
+    record = TrialRecord.read(t)
     if t.state == TrialState.COMPLETE:
         detail = " ".join(f"{v:.4g}" for v in t.values)
     elif t.state == TrialState.PRUNED:
-        detail = f"at iteration {t.user_attrs.get('pruned_at')}"
+        detail = f"at iteration {record.pruned_at}"
     else:
-        detail = t.user_attrs.get("fail_reason", "")
+        detail = record.fail_reason or ""
     timing = ""
-    if "run_s" in t.user_attrs:
-        timing = f" (run {t.user_attrs['run_s'] or 0:.1f} s, compile {t.user_attrs.get('compile_s') or 0:.1f} s)"
+    if record.run_s is not None:
+        timing = f" (run {record.run_s:.1f} s, compile {record.compile_s or 0:.1f} s)"
     return f"trial {t.number} {state} {detail}{timing}".rstrip()
 
