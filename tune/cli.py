@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="comma-separated GPU ids, one worker each; repeat an id to run several workers on "
                               "one GPU (e.g. 0,0,1,1)")
     c.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    c.add_argument("--no-final", action="store_true",
+                   help="do not write best.yml and the chosen plan's full reconstruction at the end")
 
     c = study_command("worker", "join a study as one more worker",
                       "Run trials of a study until its budget is used. Start as many as you like, on any machine "
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------- commands
 def _start(args: argparse.Namespace) -> int:
     config = load_study(args.study, args.storage)
-    return start(config, worker_slots(args.devices, args.workers), report=not args.no_report)
+    return start(config, worker_slots(args.devices, args.workers), report=not args.no_report, final=not args.no_final)
 
 
 def _worker(args: argparse.Namespace) -> int:

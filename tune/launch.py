@@ -22,6 +22,7 @@ import optuna
 
 import metrics
 from tune import budget
+from tune.final import final_section, write_final
 from tune.progress import progress_line
 from tune.report import write_report
 from tune.storage import create_or_load, open_storage
@@ -58,8 +59,9 @@ def worker_slots(devices: list[str] | None, workers: int | None) -> list[WorkerS
     return [WorkerSlot(i, d, d is not None and per_device[d] > 1) for i, d in enumerate(assigned)]
 
 
-def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True) -> int:
-    """Run the study to its budget; returns the exit status."""
+def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True, final: bool = True) -> int:
+    """Run the study to its budget (and its refinement), then write the chosen plan and its full
+    reconstruction (`tune.final`, unless `final` is False) and the report; returns the exit status."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _simulate_on_cpu(config)
     check_data(config)
@@ -86,8 +88,12 @@ def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True) -> 
         if code != 0:
             print(f"warning: worker {slot.index} exited with status {code}; see {logs / f'worker-{slot.index}.log'}",
                   file=sys.stderr)
+    if final:
+        chosen = write_final(study, config, config.output_dir / "report")
+        if chosen is not None:
+            print(f"best plan: {chosen.plan_path} ({chosen.caption})", flush=True)
     if report:
-        print(f"report: {write_study_report(config)}", flush=True)
+        print(f"report: {write_study_report(config, with_final=final)}", flush=True)
     return 0 if finished or all(c == 0 for c in codes) else 1
 
 
@@ -136,12 +142,15 @@ def _finished(study: optuna.Study, config: StudyConfig) -> bool:
     return budget.count(study.get_trials(deepcopy=False)).finished >= config.budget
 
 
-def write_study_report(config: StudyConfig, out_dir: Path | None = None) -> Path:
+def write_study_report(config: StudyConfig, out_dir: Path | None = None, with_final: bool = True) -> Path:
     """Write the CSV and HTML report of the study (tune.report); returns the HTML file. The best
-    reconstructions are scored as the trials were: the study's ground-truth key and scoring options."""
+    reconstructions are scored as the trials were: the study's ground-truth key and scoring options.
+    `with_final`: show the final reconstruction the last `tune start` wrote into the folder."""
     key = config.spec.data.ground_truth
-    paths = write_report(config.storage_url, config.name, out_dir or config.output_dir / "report",
+    folder = out_dir or config.output_dir / "report"
+    paths = write_report(config.storage_url, config.name, folder,
                          ground_truth=None if key is None else config.data_path,
                          ground_truth_key=key or metrics.GROUND_TRUTH_KEY,
-                         artifact_dir=config.artifact_dir, score_options=config.spec.objective.scoring.model_dump())
+                         artifact_dir=config.artifact_dir, score_options=config.spec.objective.scoring.model_dump(),
+                         final=final_section(folder) if with_final else None)
     return paths.html

@@ -8,6 +8,7 @@ spawns them; `tune worker` joins by hand or from a Slurm job). A worker
   that is failed after the grace period and re-queued with the same parameters;
 * stops asking for trials when the budget is used, but before it exits waits until no trial is
   RUNNING any more, failing stale ones (`fail_stale_trials`) and running their re-queued copies;
+* then, with `study.refine`, queues the best short trials again (`tune.refine`) and runs them;
 * on SIGTERM or Ctrl-C fails its running trial, re-queues it for another worker and exits
   (exit status 143 or 130).
 """
@@ -27,6 +28,7 @@ from tune import budget
 from recon.simulate import write_dataset
 from tune.objective import Objective, TrialFailed, WorkerInfo, keep_best_results
 from tune.record import TrialRecord
+from tune.refine import queue_refinements
 from tune.storage import create_or_load, open_storage
 from tune.strategy import build_pruner, build_sampler
 from tune.study import StudyConfig, check_data
@@ -115,12 +117,13 @@ def _work(study: optuna.Study, objective: Objective, config: StudyConfig, report
     while time.monotonic() < deadline:
         fail_stale_trials(study)
         counts = budget.count(study.get_trials(deepcopy=False))
-        if counts.used < config.budget or counts.waiting:
+        refine = config.spec.study.refine
+        if counts.used < config.budget or counts.waiting or counts.refine_queued:
             study.optimize(objective, callbacks=[after_trial], catch=(TrialFailed,), gc_after_trial=False,
                            timeout=None if deadline == float("inf") else max(deadline - time.monotonic(), 0.0))
-        elif counts.running:
+        elif counts.running or counts.refining:
             time.sleep(WAIT_POLL_S)  # other workers' trials may still die and be re-queued
-        else:
+        elif refine is None or not queue_refinements(study, refine.top_k):
             return
 
 
@@ -147,5 +150,6 @@ def describe_trial(t: FrozenTrial) -> str:
     timing = ""
     if record.run_s is not None:
         timing = f" (run {record.run_s:.1f} s, compile {record.compile_s or 0:.1f} s)"
-    return f"trial {t.number} {state} {detail}{timing}".rstrip()
+    refined = f" refining trial {record.refine_of}" if record.refine_of is not None else ""
+    return f"trial {t.number}{refined} {state} {detail}{timing}".rstrip()
 
