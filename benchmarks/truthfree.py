@@ -2,6 +2,8 @@
 
 Usage: python benchmarks/truthfree.py [--cases mos2_1l aberrated lowdose] [--trials 24] [--iterations 25]
          [--refine-iterations 100] [--top-k 3] [--data-dir ../shared/data] [--out out/truthfree]
+       python benchmarks/truthfree.py --cases mos2_1l --sweep scan.rotation_deg=-4,-2,-1,0,1,2,4
+         [--at probe.defocus_A=-100 ...]
 
 One set of trials per case, shared by every objective (the design the README describes): the
 settings of each trial are drawn by a Latin hypercube over the search space (no objective guides
@@ -17,6 +19,10 @@ Printed: per case and objective, Spearman ρ between the objective (oriented so 
 and the NRMSE over the trials, and the NRMSE of the pick against the best trial's (ratio − 1), for
 the short trials and for the refined pick against the best long reconstruction. Every record is
 written to `<out>/<case>.json`.
+
+`--sweep KEY=V1,V2,...` instead varies one setting from the base plan (with `--at KEY=VALUE` settings,
+e.g. the true optics) and prints every score at `--iterations`: does each objective have its
+optimum where the NRMSE has it?
 """
 from __future__ import annotations
 
@@ -215,6 +221,25 @@ def run_case(name: str, case: Case, args: argparse.Namespace) -> dict:
     return summary
 
 
+def sweep(name: str, case: Case, args: argparse.Namespace) -> None:
+    """Print every score along one setting, the others fixed at `--at` (and the base plan)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {k: (v.format(data_dir=args.data_dir, out=out) if isinstance(v, str) else v) for k, v in case.data.items()}
+    if case.simulate is not None:
+        write_dataset(case.simulate, data["path"])
+    dataset = recon.load_dataset(trial_plan(case, {}, data, 1).data)
+    scorer = metrics.Scorer(metrics.GroundTruth.from_h5(data["path"]))
+    key, _, values = args.sweep.partition("=")
+    fixed = dict(item.split("=") for item in args.at)
+    for value in values.split(","):
+        settings = {**{k: float(v) for k, v in fixed.items()}, key: float(value)}
+        plan = trial_plan(case, settings, data, args.iterations)
+        scores = {**full_scores(plan, dataset, scorer), **halfset_scores(plan, dataset)}
+        print(f"{name} {key}={value}: " + " ".join(f"{k} {scores[k]:.4g}" for k in
+              ("nrmse", "data_loss", "heldout_loss", "halfset_frc_resolution_A", "halfset_frc_area")), flush=True)
+
+
 def table(summaries: list[dict]) -> str:
     rows = ["| case | objective | Spearman ρ (short) | pick / best NRMSE, short | excess | refined pick / best long NRMSE "
             "| excess |", "|---|---|---|---|---|---|---|"]
@@ -236,7 +261,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
     parser.add_argument("--out", default="out/truthfree")
+    parser.add_argument("--sweep", metavar="KEY=V1,V2,...", help="vary one plan setting instead of sampling trials")
+    parser.add_argument("--at", nargs="*", default=[], metavar="KEY=VALUE", help="--sweep: settings held fixed")
     args = parser.parse_args()
+    if args.sweep:
+        for name in args.cases:
+            sweep(name, CASES[name], args)
+        return 0
     summaries = [run_case(name, CASES[name], args) for name in args.cases]
     print(table(summaries))
     return 0
