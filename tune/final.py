@@ -60,12 +60,8 @@ def write_final(study: optuna.Study, config: StudyConfig, out_dir: Path) -> Fina
     plan = recon.load_plan(plan_path)
     dataset = recon.load_dataset(plan.data)
     result, result_path = final_result(trial, plan, dataset, out_dir / FINAL_RESULT)
-    curves = {"half-set FRC": compare_halves(*reconstruct_halves(plan, dataset)).curve}
-    key = config.spec.data.ground_truth
-    if key is not None:
-        scorer = metrics.build_scorer(config.data_path, key, **config.spec.objective.scoring.model_dump())
-        curves["FRC against the ground truth"] = scorer.report(result).frc
-    caption = f"{summary}; {result.iterations_done} iterations ({result_path.name})"
+    curves, notes = frc_curves(config, plan, dataset, result)
+    caption = "; ".join([f"{summary}; {result.iterations_done} iterations ({result_path.name})", *notes])
     figure = save_final_figure(out_dir / FINAL_PNG, result, curves, title=caption)
     (out_dir / FINAL_JSON).write_text(json.dumps({"trial": trial.number, "caption": caption, "plan": str(plan_path),
                                                   "result": str(result_path)}))
@@ -80,6 +76,25 @@ def final_result(trial: FrozenTrial, plan: recon.Plan, dataset: recon.Dataset,
         return recon.load_result(kept), Path(kept)
     result = recon.reconstruct(plan, dataset=dataset)
     return result, result.save(fallback)
+
+
+def frc_curves(config: StudyConfig, plan: recon.Plan, dataset: recon.Dataset,
+               result: recon.Result) -> tuple[dict[str, FRCCurve], list[str]]:
+    """The half-set FRC of the plan and, with a ground truth, the result's FRC against it; and a
+    note for each curve that could not be made (no scan grid, an unreadable truth)."""
+    curves, notes = {}, []
+    try:
+        curves["half-set FRC"] = compare_halves(*reconstruct_halves(plan, dataset)).curve
+    except (recon.PlanError, metrics.ScoringError) as err:
+        notes.append(f"no half-set FRC: {err}")
+    key = config.spec.data.ground_truth
+    if key is not None:
+        try:
+            scorer = metrics.build_scorer(config.data_path, key, **config.spec.objective.scoring.model_dump())
+            curves["FRC against the ground truth"] = scorer.report(result).frc
+        except (OSError, metrics.ScoringError) as err:
+            notes.append(f"no FRC against the ground truth: {err}")
+    return curves, notes
 
 
 def save_final_figure(path: Path, result: recon.Result, curves: dict[str, FRCCurve], title: str) -> Path:
@@ -105,10 +120,13 @@ def save_final_figure(path: Path, result: recon.Result, curves: dict[str, FRCCur
         ax.plot(curve.q_invA[kept], curve.frc[kept], ".-", color=colour,
                 label=f"{label}: {curve.resolution_A('half_bit'):.2f} Å")
         ax.plot(curve.q_invA[kept], curve.threshold("half_bit")[kept], ":", color=colour, lw=1)
+    if not curves:
+        ax.text(0.5, 0.5, "no FRC curve (see the caption)", ha="center", transform=ax.transAxes)
     ax.set_xlabel("spatial frequency q (1/Å); dotted: ½-bit thresholds")
     ax.set_ylabel("FRC")
     ax.set_ylim(-0.1, 1.05)
-    ax.legend(fontsize=8, loc="lower left")
+    if curves:
+        ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
