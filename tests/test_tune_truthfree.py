@@ -113,4 +113,6 @@ def test_start_refines_the_best_and_shows_the_final_reconstruction(tmp_path, tin
 
     again = _tune("start", str(path), "--no-final", cwd=tmp_path)         # resumes: nothing left to run
     assert again.returncode == 0, again.stdout + again.stderr
+    assert "best plan:" in run.stdout and "best plan:" not in again.stdout
+    assert "Final reconstruction" not in (report / "report.html").read_text()
     assert len([t for t in study.get_trials() if not budget.is_surplus(t)]) == 5
