@@ -29,8 +29,6 @@ from .io import as_reconstruction
 
 REGISTER_UPSAMPLE = (10, 100)
 MIN_FIELD_PX = 8
-#: Objective names → keys of `HalfsetComparison.scores()`.
-HALFSET_METRICS = ("halfset_frc_resolution_A", "halfset_frc_area")
 
 
 @dataclass(frozen=True)
