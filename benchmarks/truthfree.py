@@ -4,6 +4,8 @@ Usage: python benchmarks/truthfree.py [--cases mos2_1l aberrated lowdose] [--tri
          [--refine-iterations 100] [--top-k 3] [--data-dir ../shared/data] [--out out/truthfree]
        python benchmarks/truthfree.py --cases mos2_1l --sweep scan.rotation_deg=-4,-2,-1,0,1,2,4
          [--at probe.defocus_A=-100 ...]
+       python benchmarks/truthfree.py --file DATA.h5 [--patterns dp_noisy/dose_1e+05]   (any dataset
+         with a ground truth in the native layout: case "file", see file_case)
 
 One set of trials per case, shared by every objective (the design the README describes): the
 settings of each trial are drawn by a Latin hypercube over the search space (no objective guides
@@ -40,7 +42,7 @@ import metrics
 import recon
 from metrics.halfset import compare_halves
 from recon.halfset import reconstruct_halves
-from recon.plan import Aberrations, SimulationSpec, apply_overrides
+from recon.plan import Aberrations, DataSpec, SimulationSpec, apply_overrides
 from recon.simulate import write_dataset
 
 HELDOUT_FRACTION = 0.1
@@ -119,6 +121,22 @@ CASES = {
         simulate=LOWDOSE,
         notes="simulated: defocus −100 Å, source 0.3 Å FWHM, dose 1e4 e/Å² (2500 e per pattern)"),
 }
+
+
+def file_case(path: str, patterns: str) -> Case:
+    """Any native-layout file with a ground truth: its central 16 × 16 positions (fewer if the scan
+    is smaller), nominal defocus 50 Å above the file's, the mos2_1l search with the defocus range
+    centred on the file's value."""
+    dataset = recon.load_dataset(DataSpec(path=path, patterns=patterns))
+    grid = dataset.scan_shape or (16, 16)
+    true_defocus = float(dataset.defocus_A or 0.0)
+    return Case(
+        data={"path": path, "patterns": patterns, "subset": {"mode": "center", "shape": [min(16, grid[0]),
+                                                                                       min(16, grid[1])]}},
+        base={**BASE_PLAN, "probe": {"defocus_A": true_defocus + 50.0}},
+        search=(Dimension("probe.defocus_A", true_defocus - 100.0, true_defocus + 100.0),
+                *CASES["mos2_1l"].search[1:]),
+        notes=f"{path}::{patterns}, central positions, file defocus {true_defocus:g} Å, nominal {true_defocus + 50:g} Å")
 
 
 @dataclass
@@ -263,12 +281,15 @@ def main() -> int:
     parser.add_argument("--out", default="out/truthfree")
     parser.add_argument("--sweep", metavar="KEY=V1,V2,...", help="vary one plan setting instead of sampling trials")
     parser.add_argument("--at", nargs="*", default=[], metavar="KEY=VALUE", help="--sweep: settings held fixed")
+    parser.add_argument("--file", help="run the case 'file' on this dataset (with a ground truth) instead of --cases")
+    parser.add_argument("--patterns", default="dp_noisy/dose_1e+05", help="--file: HDF5 dataset of the patterns")
     args = parser.parse_args()
+    cases = {"file": file_case(args.file, args.patterns)} if args.file else {name: CASES[name] for name in args.cases}
     if args.sweep:
-        for name in args.cases:
-            sweep(name, CASES[name], args)
+        for name, case in cases.items():
+            sweep(name, case, args)
         return 0
-    summaries = [run_case(name, CASES[name], args) for name in args.cases]
+    summaries = [run_case(name, case, args) for name, case in cases.items()]
     print(table(summaries))
     return 0
 
