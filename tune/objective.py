@@ -57,34 +57,63 @@ class Objective:
         self.config = config
         self.worker = worker
         self.budget_size = budget_size
-        self.current: optuna.Trial | None = None
+        self.current: optuna.Trial | None = None  # the trial run alone now
+        self.current_batch: list[optuna.Trial] = []  # batched trials asked and not told yet
         self._datasets: dict[Any, recon.Dataset] = {}
         self._scorer: metrics.Scorer | None = None
         self._store = FileSystemArtifactStore(str(_mkdir(config.artifact_dir)))
 
     # ------------------------------------------------------------------ the trial
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        """One trial run alone (study.optimize): start, reconstruct, finish."""
         self.current = trial
+        plan = self.start(trial)
+        return self.guard(trial, lambda: self.finish(trial, *self.run(trial, plan)))
+
+    def start(self, trial: optuna.Trial) -> recon.Plan:
+        """Suggest the trial's settings and build its plan; a trial past the budget fails as surplus."""
         values = suggest(trial, self.config.params)
         self._record_worker(trial)
         if self._budget_used_before(trial):
             write(trial, TrialRecord(surplus=True))
-            trial.study.stop()
+            stop_optimize(trial.study)
             raise TrialFailed(f"surplus: trials before #{trial.number} already use the budget of {self.budget_size}")
+        return self.guard(trial, lambda: self._plan(trial, values))
+
+    def guard(self, trial: optuna.Trial, step: Callable[[], Any]) -> Any:
+        """Run one step of a trial: any error fails that trial only (out of memory included), with its
+        reason recorded; pruning, interruption and a recorded failure pass through."""
         try:
-            plan = self._plan(trial, values)
-            result = self._run(trial, plan)
-            scores, report = self._score(trial, result)
-            objective = self._objective(trial, scores)
-            self._save_outputs(trial, result, report)
-            return objective
+            return step()
         except (optuna.TrialPruned, TrialFailed):
             raise
         except KeyboardInterrupt:
             write(trial, TrialRecord(fail_reason="interrupted: the worker was stopped (SIGINT/SIGTERM)"))
             raise
-        except Exception as err:  # one trial's error (out of memory included) never stops the worker
+        except Exception as err:  # one trial's error never stops the worker
             raise _fail(trial, _one_line(err)) from None
+
+    def reporter(self, trial: optuna.Trial) -> Reporter:
+        """The reconstruction callback of a trial: intermediate values and pruning."""
+        return Reporter(trial, self._intermediate(), self.config.spec.objective.report_every,
+                        prune=self.config.pruner.name != "none")
+
+    def run(self, trial: optuna.Trial, plan: recon.Plan) -> tuple[recon.Result, Reporter, int]:
+        """Reconstruct one plan alone; returns the result, its reporter and the programs compiled."""
+        compiled_before = recon.compile_count()
+        reporter = self.reporter(trial)
+        result = recon.reconstruct(plan, dataset=self.dataset(plan.data), callback=reporter)
+        return result, reporter, recon.compile_count() - compiled_before
+
+    def finish(self, trial: optuna.Trial, result: recon.Result, reporter: Reporter, compiled: int,
+               batch: BatchInfo | None = None) -> float | list[float]:
+        """Record how the reconstruction went, then score it and save its outputs; raises when the
+        trial was pruned or diverged or its objective is not a finite number."""
+        self._record_run(trial, result, reporter, compiled, batch)
+        scores, report = self._score(trial, result)
+        objective = self._objective(trial, scores)
+        self._save_outputs(trial, result, report)
+        return objective
 
     def _record_worker(self, trial: optuna.Trial) -> None:
         """Who runs the trial; a re-run drops the outcome of the attempt it replaces."""
@@ -104,23 +133,20 @@ class Objective:
         write(trial, TrialRecord(plan=plan.to_yaml(), seed=plan.seed))
         return plan
 
-    def _run(self, trial: optuna.Trial, plan: recon.Plan) -> recon.Result:
-        """Reconstruct, reporting intermediate values; raises when pruned or diverged."""
-        compiled_before = recon.compile_count()
-        reporter = Reporter(trial, self._intermediate(), self.config.spec.objective.report_every,
-                            prune=self.config.pruner.name != "none")
-        result = recon.reconstruct(plan, dataset=self._dataset(plan.data), callback=reporter)
+    def _record_run(self, trial: optuna.Trial, result: recon.Result, reporter: Reporter, compiled: int,
+                    batch: BatchInfo | None) -> None:
+        """Write how the reconstruction ran and ended; raises when it diverged or was pruned."""
         write(trial, TrialRecord(
             compile_s=result.compile_s, run_s=result.run_s, iterations_done=result.iterations_done,
-            stop_reason=result.stop_reason, compile_count=recon.compile_count(),
-            compiled=recon.compile_count() - compiled_before,
+            stop_reason=result.stop_reason, compile_count=recon.compile_count(), compiled=compiled,
             loss_curve=_curve(result.history.get("loss")), data_loss_curve=_curve(result.history.get("data_loss"))))
+        if batch is not None:
+            write(trial, TrialRecord(batch=batch.batch_id, batch_size=batch.size, batch_share=batch.share))
         if result.diverged:
             raise _fail(trial, f"diverged: {result.stop_reason}")
         if reporter.pruned_at is not None:
             write(trial, TrialRecord(pruned_at=reporter.pruned_at))
             raise optuna.TrialPruned(f"pruned at iteration {reporter.pruned_at}")
-        return result
 
     def _score(self, trial: optuna.Trial, result: recon.Result) -> tuple[dict[str, float], metrics.ScoreReport | None]:
         """Every score of a result (and the metrics ScoreReport, None without a ground truth), recorded."""
@@ -144,7 +170,8 @@ class Objective:
         return values[0] if len(values) == 1 else values
 
     # ------------------------------------------------------------------ data and scoring
-    def _dataset(self, data: Any) -> recon.Dataset:
+    def dataset(self, data: Any) -> recon.Dataset:
+        """The prepared dataset of a plan's data section (loaded once per worker)."""
         if data not in self._datasets:
             self._datasets[data] = recon.load_dataset(data)
         return self._datasets[data]
@@ -204,6 +231,16 @@ class Objective:
         return upload_artifact(artifact_store=self._store, file_path=str(path), study_or_trial=trial)
 
 
+@dataclass(frozen=True)
+class BatchInfo:
+    """Which batch a trial ran in (tune.batch): its id, its number of trials and the trial's share
+    of the batch's run time (its iterations over all trials' iterations)."""
+
+    batch_id: str
+    size: int
+    share: float
+
+
 class Reporter:
     """The reconstruction callback: reports an intermediate value every `every` iterations and
     stops the reconstruction (returns False) when the pruner says so."""
@@ -232,6 +269,14 @@ def keep_best_results(study: optuna.Study) -> None:
         path = TrialRecord.read(t).result_path
         if path and t.number not in best:
             Path(path).unlink(missing_ok=True)
+
+
+def stop_optimize(study: optuna.Study) -> None:
+    """End study.optimize after the current trial; batched trials (asked by hand) need no stop."""
+    try:
+        study.stop()
+    except RuntimeError:  # not inside study.optimize
+        pass
 
 
 def _objective_value(scores: dict[str, Any], name: str) -> float:

@@ -4,7 +4,7 @@ Pure configuration: this module imports nothing of tune, so every other module m
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -63,6 +63,9 @@ class StudySection(_Frozen):
     heartbeat_interval_s: int = Field(10, ge=1, description="seconds between a running trial's heartbeats")
     grace_period_s: int | None = Field(None, ge=1, description="silence after which a trial counts as dead; default 3 heartbeats")
     max_retries: int = Field(3, ge=0, description="re-runs of a trial whose worker died or was stopped")
+    trials_per_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="trials per compiled program on a worker's device; auto: as many as fit in a GPU's "
+                            "free memory (one on a CPU, where batching is slower per trial)")
 
 
 class StudyData(DataSpec):

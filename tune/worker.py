@@ -25,7 +25,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tune import budget
 from recon.simulate import write_dataset
-from tune.objective import Objective, TrialFailed, WorkerInfo, keep_best_results
+from tune.batch import ask_batch, fail_unfinished, resolve_trials_per_batch, run_batch
+from tune.objective import Objective, TrialFailed, WorkerInfo, keep_best_results, stop_optimize
 from tune.record import TrialRecord
 from tune.storage import create_or_load, open_storage
 from tune.strategy import build_pruner, build_sampler
@@ -91,8 +92,9 @@ def run_worker(config: StudyConfig, index: int | None, device: str,
         storage = open_storage(config.storage_url, s.heartbeat_interval_s, config.grace_period_s, s.max_retries)
         study = join_study(config, storage, index)
         objective = Objective(config, WorkerInfo.here(index, device), config.budget)
-        log(f"{name}: joined study {config.name} on {device}")
-        _work(study, objective, config, lambda t: log(f"{name}: {describe_trial(t)}"))
+        k = resolve_trials_per_batch(config, objective)
+        log(f"{name}: joined study {config.name} on {device}" + (f", {k} trials per batch" if k > 1 else ""))
+        _work(study, objective, config, lambda t: log(f"{name}: {describe_trial(t)}"), k, storage)
     except Interrupted as stop:
         _requeue_interrupted(study, objective, config.spec.study.max_retries)
         log(f"{name}: stopped by {stop}")
@@ -101,21 +103,27 @@ def run_worker(config: StudyConfig, index: int | None, device: str,
     return 0
 
 
-def _work(study: optuna.Study, objective: Objective, config: StudyConfig, report: Callable[[FrozenTrial], None]) -> None:
+def _work(study: optuna.Study, objective: Objective, config: StudyConfig, report: Callable[[FrozenTrial], None],
+          trials_per_batch: int = 1, storage: optuna.storages.BaseStorage | None = None) -> None:
+    """Run trials (alone, or `trials_per_batch` at a time as one program) until the budget is used."""
     deadline = time.monotonic() + (config.spec.study.timeout_s or float("inf"))
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        objective.current = None
         if not budget.is_surplus(trial):
             report(trial)
         if config.spec.output.keep == "best" and trial.state == TrialState.COMPLETE:
             keep_best_results(study)
         if budget.count(study.get_trials(deepcopy=False)).used >= config.budget:
-            study.stop()
+            stop_optimize(study)
 
     while time.monotonic() < deadline:
         fail_stale_trials(study)
         counts = budget.count(study.get_trials(deepcopy=False))
-        if counts.used < config.budget or counts.waiting:
+        if (counts.used < config.budget or counts.waiting) and trials_per_batch > 1:
+            pending = ask_batch(study, objective, trials_per_batch, config.budget, lambda t: after_trial(study, t))
+            run_batch(study, objective, pending, storage, lambda t: after_trial(study, t))
+        elif counts.used < config.budget or counts.waiting:
             study.optimize(objective, callbacks=[after_trial], catch=(TrialFailed,), gc_after_trial=False,
                            timeout=None if deadline == float("inf") else max(deadline - time.monotonic(), 0.0))
         elif counts.running:
@@ -125,13 +133,16 @@ def _work(study: optuna.Study, objective: Objective, config: StudyConfig, report
 
 
 def _requeue_interrupted(study: optuna.Study | None, objective: Objective | None, max_retries: int) -> None:
-    """Queue the trial this worker was running when it was stopped, with the same parameters."""
-    if study is None or objective is None or objective.current is None:
+    """Queue the trials this worker was running when it was stopped (alone or a whole batch), with
+    the same parameters."""
+    if study is None or objective is None:
         return
-    number = objective.current.number
-    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-    if trial is not None and trial.state == TrialState.FAIL and not budget.is_surplus(trial):
-        RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(study, trial)
+    numbers = set(fail_unfinished(study, objective))
+    if objective.current is not None:
+        numbers.add(objective.current.number)
+    for trial in study.get_trials(deepcopy=False):
+        if trial.number in numbers and trial.state == TrialState.FAIL and not budget.is_surplus(trial):
+            RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(study, trial)
 
 
 def describe_trial(t: FrozenTrial) -> str:
