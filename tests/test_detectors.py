@@ -26,7 +26,7 @@ from recon.detectors import write_empad, write_mib
 from recon.plan import DataSpec, PlanError, SubsetSpec
 from recon.preprocess import Steps, apply, bad_pixels, descan_plane, dk_from_disk, fit_disk, wrapped
 from tune.inspect import format_inspection, inspect_data, starter_study
-from tune.study import load_study
+from tune.study import check_data, load_study
 
 SY, SX = 5, 6
 RADIUS = 9.0
@@ -435,6 +435,7 @@ def test_inspect_reports_and_init_writes_a_loadable_study(empad, tmp_path):
     assert set(config.spec.search) >= {"recon.probe.defocus_A", "recon.scan.rotation_deg",
                                        "recon.optimizers.object.learning_rate", "recon.regularizers.object_tv"}
     assert config.base_plan.detector.dk_invA == pytest.approx(0.05) and config.base_plan.scan.step_A == pytest.approx(0.4)
+    check_data(config)  # what tune start and every worker check first: a detector file is not read as HDF5
 
 
 def test_init_calibrates_from_the_disk_and_names_missing_keys(mib, tmp_path):
