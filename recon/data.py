@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from .plan import DataSpec, PlanError, SubsetSpec
+from .validate import check_patterns
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
@@ -325,7 +326,7 @@ def _prepare(src: _Source, spec: DataSpec) -> Dataset:
         raw = _read_patterns(src, ys, xs, indices)
     n_disk = raw.shape[-1]
     patterns = np.asarray(raw, dtype=np.float32).reshape(-1, n_disk, n_disk)
-    _check_values(patterns, src.source)
+    check_patterns(patterns, src.source)
     mask = src.detector_mask
     if spec.dc_centered:
         patterns = np.fft.ifftshift(patterns, axes=(-2, -1))
@@ -362,16 +363,6 @@ def _read_patterns(src: _Source, ys: slice, xs: slice, indices: np.ndarray) -> n
     if src.patterns.ndim == 4:
         return src.patterns[ys, xs]
     return src.patterns[indices] if isinstance(src.patterns, h5py.Dataset) else np.asarray(src.patterns)[indices]
-
-
-def _check_values(patterns: np.ndarray, source: str) -> None:
-    bad = int(np.count_nonzero(~np.isfinite(patterns)))
-    if bad:
-        raise PlanError(f"{source}: data.patterns: {bad} NaN/inf values; patterns must be finite")
-    negative = int(np.count_nonzero(patterns < 0))
-    if negative:
-        raise PlanError(f"{source}: data.patterns: {negative} negative values (min {patterns.min():.3g}); "
-                        f"patterns must be intensities ≥ 0")
 
 
 def crop_frequencies(a: np.ndarray, n_out: int) -> np.ndarray:
