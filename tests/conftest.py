@@ -8,6 +8,10 @@ import pytest
 
 # Tests use their own compilation cache so they never depend on (or pollute) a user's cache.
 os.environ.setdefault("PTYTUNE_JAX_CACHE", tempfile.mkdtemp(prefix="ptytune-test-jax-"))
+# Subprocesses (`python -m tune ...` from a temporary folder) import the packages of this checkout,
+# not whichever copy happens to be installed in the environment.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
 from recon.plan import SimulationSpec  # noqa: E402
 
