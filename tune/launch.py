@@ -21,7 +21,8 @@ import optuna
 
 from tune import budget
 from tune.progress import progress_line
-from tune.storage import create_or_load, open_storage
+from tune.integrity import check_fingerprint, load_checked_data
+from tune.storage import create_or_load, open_study_storage
 from tune.study import StudyConfig, check_data
 from tune.worker import ensure_data
 
@@ -59,8 +60,9 @@ def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True) -> 
     """Run the study to its budget; returns the exit status."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _simulate_on_cpu(config)
-    check_data(config)
-    study = create_or_load(config, open_storage(config.storage_url))
+    preflight(config)
+    study = create_or_load(config, open_study_storage(config, heartbeats=False))
+    check_fingerprint(study, config)
     logs = config.output_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     print(f"study {config.name}: {config.budget} trials, {len(slots)} workers "
@@ -86,6 +88,14 @@ def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True) -> 
     if report:
         print(f"report: {write_study_report(config)}", flush=True)
     return 0 if finished or all(c == 0 for c in codes) else 1
+
+
+def preflight(config: StudyConfig) -> None:
+    """The checks `tune start` runs before it touches the storage (`tune start --check` runs only
+    these): the data file, its datasets and its values (the whole file is read once)."""
+    check_data(config)
+    if config.spec.data.simulate is None or config.data_path.is_file():
+        load_checked_data(config)
 
 
 def _simulate_on_cpu(config: StudyConfig) -> None:

@@ -28,12 +28,13 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts import upload_artifact
 
 import recon
 from tune import budget
 from tune.progress import best_trials
 from tune.space import suggest, trial_plan
+from tune.storage import AtomicArtifactStore, StorageUnreachable
 from tune.study import GROUND_TRUTH_METRICS, StudyConfig
 
 #: How many points of a loss curve are stored per trial at most.
@@ -69,7 +70,7 @@ class Objective:
         self.current: optuna.Trial | None = None
         self._datasets: dict[Any, Any] = {}
         self._scorer: Any = None
-        self._store = FileSystemArtifactStore(str(_mkdir(config.artifact_dir)))
+        self._store = AtomicArtifactStore(str(config.artifact_dir))  # created on first write (a trial's error)
 
     # ------------------------------------------------------------------ the trial
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
@@ -87,7 +88,7 @@ class Objective:
             plan = trial_plan(self.config.base_plan, values, source=f"trial {trial.number}")
             _set_attrs(trial, plan=plan.to_yaml(), seed=plan.seed)
             return self._run(trial, plan)
-        except (optuna.TrialPruned, TrialFailed):
+        except (optuna.TrialPruned, TrialFailed, StorageUnreachable):
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted: the worker was stopped (SIGINT/SIGTERM)")
@@ -127,6 +128,10 @@ class Objective:
         return objective[0] if len(objective) == 1 else objective
 
     # ------------------------------------------------------------------ data and scoring
+    def preload(self, dataset: Any) -> None:
+        """Use `dataset` (already loaded and checked) for trials on the base plan's data."""
+        self._datasets[self.config.base_plan.data] = dataset
+
     def _dataset(self, data: Any) -> Any:
         if data not in self._datasets:
             self._datasets[data] = recon.load_dataset(data)

@@ -66,6 +66,7 @@ class StudySection(_Frozen):
     heartbeat_interval_s: int = Field(10, ge=1, description="seconds between a running trial's heartbeats")
     grace_period_s: int | None = Field(None, ge=1, description="silence after which a trial counts as dead; default 3 heartbeats")
     max_retries: int = Field(3, ge=0, description="re-runs of a trial whose worker died or was stopped")
+    storage_timeout_s: float = Field(120.0, gt=0, description="a worker that cannot reach the storage this long exits")
 
 
 class StudyData(DataSpec):
@@ -264,12 +265,12 @@ def simulated_data_path(output_dir: Path, data: StudyData) -> Path:
 
 
 def storage_url(url: str | None, study_file: Path) -> str:
-    """The storage URL; SQLite paths resolve against the study file's folder."""
+    """The storage URL; SQLite and journal file paths resolve against the study file's folder."""
     if url is None:
         return f"sqlite:///{study_file.with_suffix('.db')}"
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and url != prefix + ":memory:":
-        return prefix + str(_resolve(study_file.parent, url[len(prefix):]))
+    for prefix in ("sqlite:///", "journal:///"):
+        if url.startswith(prefix) and url != prefix + ":memory:":
+            return prefix + str(_resolve(study_file.parent, url[len(prefix):]))
     plain_pg = "postgresql://"
     if url.startswith(plain_pg) and find_spec("psycopg") is None and find_spec("psycopg2") is not None:
         return "postgresql+psycopg2://" + url[len(plain_pg):]  # SQLAlchemy 2.1's default driver is psycopg 3

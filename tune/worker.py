@@ -20,12 +20,14 @@ from collections.abc import Callable
 from types import FrameType
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from tune import budget
 from tune.objective import Objective, TrialFailed, WorkerInfo, keep_best_results
-from tune.storage import create_or_load, open_storage
+from tune.integrity import check_fingerprint, load_checked_data, storage_failure
+from tune.storage import STORAGE_EXIT_STATUS, create_or_load, open_study_storage
 from tune.strategy import build_pruner, build_sampler
 from tune.study import StudyConfig, check_data
 
@@ -79,15 +81,23 @@ def run_worker(config: StudyConfig, index: int | None, device: str,
         ensure_data(config)
         check_data(config)
         s = config.spec.study
-        storage = open_storage(config.storage_url, s.heartbeat_interval_s, config.grace_period_s, s.max_retries)
-        study = create_or_load(config, storage, build_sampler(s.sampler, config.params, index), build_pruner(config.pruner))
         objective = Objective(config, WorkerInfo.here(index, device), config.budget)
+        objective.preload(load_checked_data(config))  # a corrupt data file: PlanError before the study is touched
+        study = create_or_load(config, open_study_storage(config), build_sampler(s.sampler, config.params, index),
+                               build_pruner(config.pruner))
+        check_fingerprint(study, config)  # refuse to join when the data file changed since the study began
         log(f"{name}: joined study {config.name} on {device}")
         _work(study, objective, config, lambda t: log(f"{name}: {describe_trial(t)}"))
     except Interrupted as stop:
         _requeue_interrupted(study, objective, config.spec.study.max_retries)
         log(f"{name}: stopped by {stop}")
         return 128 + stop.signum
+    except Exception as err:
+        lost = storage_failure(err)
+        if lost is None:
+            raise
+        log(f"{name}: {lost}; exiting (its running trial is re-run by the other workers)")
+        return STORAGE_EXIT_STATUS
     log(f"{name}: done")
     return 0
 
@@ -107,12 +117,25 @@ def _work(study: optuna.Study, objective: Objective, config: StudyConfig, report
         fail_stale_trials(study)
         counts = budget.count(study.get_trials(deepcopy=False))
         if counts.used < config.budget or counts.waiting:
-            study.optimize(objective, callbacks=[after_trial], catch=(TrialFailed,), gc_after_trial=False,
-                           timeout=None if deadline == float("inf") else max(deadline - time.monotonic(), 0.0))
+            try:
+                study.optimize(objective, callbacks=[after_trial], catch=(TrialFailed,), gc_after_trial=False,
+                               timeout=None if deadline == float("inf") else max(deadline - time.monotonic(), 0.0))
+            except (UpdateFinishedTrialError, ValueError):  # "Cannot tell a FAIL trial": see _taken_over
+                if not _taken_over(study, objective):
+                    raise
         elif counts.running:
             time.sleep(WAIT_POLL_S)  # other workers' trials may still die and be re-queued
         else:
             return
+
+
+def _taken_over(study: optuna.Study, objective: Objective) -> bool:
+    """True when this worker's trial was failed (and re-queued) by another worker meanwhile: its
+    heartbeats could not reach the storage for longer than the grace period. The worker goes on."""
+    if objective.current is None:
+        return False
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == objective.current.number), None)
+    return trial is not None and trial.state == TrialState.FAIL
 
 
 def _requeue_interrupted(study: optuna.Study | None, objective: Objective | None, max_retries: int) -> None:
