@@ -448,3 +448,38 @@ def test_unwritable_output_fails_the_trial_with_its_reason(where, request, tmp_p
         text = t.user_attrs["fail_reason"]
         assert text.startswith("ResultWriteError: cannot write result file") and text.endswith(reason), text
     assert not [p for p in folder.rglob("*") if p.is_file()]  # nothing half-written
+
+
+# --------------------------------------------------------------------------- a trial taken over
+def test_worker_goes_on_when_its_trial_was_taken_over(tmp_path, tiny_data_path):
+    """A worker cut off for longer than the grace period (but shorter than the storage timeout)
+    finds its trial failed and re-queued by another worker: it drops it and goes on."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from tune.storage import create_or_load, open_study_storage
+    from tune.study import load_study
+    from tune.worker import _work
+
+    config = load_study(fault_study(tmp_path, tiny_data_path, "takeover", 3))
+    study = create_or_load(config, open_study_storage(config))
+    other = optuna.load_study(study_name="takeover", storage=open_study_storage(config))
+
+    class Objective:
+        current = None
+        calls = 0
+
+        def __call__(self, trial: optuna.Trial) -> float:
+            self.current, self.calls = trial, self.calls + 1
+            x = trial.suggest_float("x", 0, 1)
+            if self.calls == 1:  # meanwhile another worker declared this trial stale
+                other._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                RetryHeartbeatStaleTrialCallback(max_retry=3)(other, other.trials[trial.number])
+                trial.set_user_attr("metrics", {})  # UpdateFinishedTrialError, as after a reconnect
+            return x
+
+    objective = Objective()
+    _work(study, objective, config, lambda t: None)
+    trials = study.get_trials()
+    counts = assert_budget_met_once(trials, 3)
+    assert counts.requeued == 1 and objective.calls == 4
+    assert trials[0].state == TrialState.FAIL and trials[1].system_attrs["failed_trial"] == 0

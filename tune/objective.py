@@ -184,7 +184,7 @@ class Objective:
         with tempfile.TemporaryDirectory(prefix="tune-") as tmp:
             stem = f"trial_{trial.number:05d}"
             if keep != "none" or "result_h5" in wanted:
-                folder = _mkdir(self.config.output_dir / "trials") if keep != "none" else Path(tmp)
+                folder = self.config.output_dir / "trials" if keep != "none" else Path(tmp)  # save() creates it
                 result_file = result.save(folder / f"{stem}.h5")
                 if keep != "none":
                     trial.set_user_attr("result_path", str(result_file))
