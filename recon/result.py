@@ -62,10 +62,10 @@ class Result:
                 self._write(f)
             os.replace(tmp, path)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise ResultWriteError(f"cannot write result file {path}: {_os_reason(err)}") from None
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise
         return path
 
@@ -90,6 +90,13 @@ class Result:
 
 class ResultWriteError(OSError):
     """A result file could not be written (read-only or full folder, ...); one line for the user."""
+
+
+def _discard(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # a read-only file system: nothing was written there either
+        pass
 
 
 def _os_reason(err: OSError) -> str:
