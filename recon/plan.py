@@ -273,7 +273,7 @@ def describe_validation_error(err: ValidationError, source: str, model: type[Bas
     `prefix` is put before the key path (e.g. "recon." for a plan inside a study file).
     """
     e = err.errors()[0]
-    loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
+    loc = [str(p) if str(p).isprintable() else repr(p) for p in e["loc"] if not str(p).startswith("function-")]
     key = prefix + ".".join(loc)
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
@@ -346,6 +346,8 @@ def load_yaml(path: str | Path) -> Any:
         raise PlanError(f"{p}: not a YAML text file (byte {err.start} is not UTF-8)") from None
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise PlanError(f"{p}: invalid YAML (nested too deeply)") from None
     except ValueError as err:  # e.g. a date such as 2024-13-01, which the YAML loader turns into a datetime
         raise PlanError(f"{p}: invalid YAML value ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     except yaml.YAMLError as err:
