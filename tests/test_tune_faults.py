@@ -483,3 +483,24 @@ def test_worker_goes_on_when_its_trial_was_taken_over(tmp_path, tiny_data_path):
     counts = assert_budget_met_once(trials, 3)
     assert counts.requeued == 1 and objective.calls == 4
     assert trials[0].state == TrialState.FAIL and trials[1].system_attrs["failed_trial"] == 0
+
+
+def test_running_trial_that_never_had_a_heartbeat_is_failed_and_rerun(tmp_path, monkeypatch):
+    """An orphan: a trial created (committed) by a call whose acknowledgement was lost, so that
+    the retried call created another one. It would stay RUNNING and keep every worker waiting."""
+    import tune.storage
+    from optuna.storages import fail_stale_trials
+
+    monkeypatch.setattr(tune.storage, "ORPHAN_MARGIN_S", 0.0)
+    storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat_interval_s=1, grace_period_s=1, max_retries=1)
+    study = optuna.create_study(study_name="orphan", storage=storage)
+    orphan = study.ask()
+    orphan.suggest_float("x", 0, 1)
+    beating = study.ask()
+    storage.record_heartbeat(beating._trial_id)
+    time.sleep(1.5)
+    storage.record_heartbeat(beating._trial_id)
+    fail_stale_trials(study)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
+    assert trials[2].system_attrs["failed_trial"] == 0 and trials[2].params == trials[0].params

@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ConnectionError as err:  # tune.storage.StorageUnreachable: the storage stayed out of reach
+        print(f"error: {err}", file=sys.stderr)
+        return 75
     except KeyboardInterrupt:
         return 130
 

@@ -22,7 +22,7 @@ import optuna
 from tune import budget
 from tune.progress import progress_line
 from tune.integrity import check_fingerprint, load_checked_data
-from tune.storage import create_or_load, open_study_storage
+from tune.storage import StorageUnreachable, create_or_load, open_study_storage
 from tune.study import StudyConfig, check_data
 from tune.worker import ensure_data
 
@@ -130,7 +130,10 @@ def _watch(study: optuna.Study, config: StudyConfig, procs: list[subprocess.Pope
     tty = sys.stdout.isatty()
     last = ""
     while any(p.poll() is None for p in procs):
-        line = progress_line(study, config)
+        try:
+            line = progress_line(study, config)
+        except StorageUnreachable as err:  # the workers decide for themselves; keep watching them
+            line = f"progress unknown: {err}"
         if tty:
             print("\r" + line[: shutil.get_terminal_size().columns - 1].ljust(len(last)), end="", flush=True)
         elif line != last:

@@ -30,6 +30,7 @@ import sqlite3
 import threading
 import time
 import warnings
+from datetime import datetime, timedelta
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,10 +38,12 @@ from typing import Any, TypeVar
 import optuna
 import sqlalchemy
 import sqlalchemy.exc
+import sqlalchemy.orm
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.exceptions import ExperimentalWarning, StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages._rdb import models as rdb_models
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
@@ -52,6 +55,8 @@ SQLITE_BUSY_TIMEOUT_S = 60.0
 DEFAULT_STORAGE_TIMEOUT_S = 120.0
 #: First and longest pause between retries of a failed storage call (doubling, with ±25 % jitter).
 RETRY_FIRST_S, RETRY_MAX_S = 0.1, 5.0
+#: A RUNNING trial with no heartbeat this long past the grace period is an orphan (see _get_stale_trial_ids).
+ORPHAN_MARGIN_S = 60.0
 #: Exit status of a worker that gave up on the storage (EX_TEMPFAIL: try again later).
 STORAGE_EXIT_STATUS = 75
 JOURNAL_PREFIX = "journal:///"
@@ -182,6 +187,27 @@ class ReconnectingRDBStorage(RDBStorage):
 
         return self._with_retries(call)
 
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's stale trials (heartbeat older than the grace period) plus orphans: RUNNING
+        trials that never got a heartbeat and started more than grace + ORPHAN_MARGIN_S ago (a
+        trial whose creation was committed but whose acknowledgement a dropped connection lost,
+        so that the retried call created another). Without this they would stay RUNNING forever."""
+        def stale() -> list[int]:
+            found = RDBStorage._get_stale_trial_ids(self, study_id)
+            grace = self.grace_period or 2 * (self.heartbeat_interval or 1)
+            cutoff = datetime.now() - timedelta(seconds=grace + ORPHAN_MARGIN_S)
+            with self.scoped_session() as session:
+                running = (session.query(rdb_models.TrialModel)
+                           .options(sqlalchemy.orm.selectinload(rdb_models.TrialModel.heartbeats))
+                           .filter(rdb_models.TrialModel.state == TrialState.RUNNING,
+                                   rdb_models.TrialModel.study_id == study_id).all())
+                found += [t.trial_id for t in running
+                          if not t.heartbeats and t.datetime_start is not None and t.datetime_start < cutoff]
+            self.scoped_session.remove()
+            return sorted(set(found))
+
+        return self._with_retries(stale)
+
     def record_heartbeat(self, trial_id: int) -> None:
         interval = float(self.heartbeat_interval or 1)
         try:
@@ -208,8 +234,7 @@ for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_st
               "get_study_system_attrs", "get_all_studies", "_create_new_trial", "_set_trial_param",
               "get_trial_param", "get_trial_id_from_study_id_trial_number", "set_trial_intermediate_value",
               "set_trial_user_attr", "set_trial_system_attr", "get_trial", "get_all_trials", "_get_trials",
-              "get_best_trial", "_get_best_trial_id", "get_trial_user_attrs", "get_trial_system_attrs",
-              "_get_stale_trial_ids"):
+              "get_best_trial", "_get_best_trial_id", "get_trial_user_attrs", "get_trial_system_attrs"):
     setattr(ReconnectingRDBStorage, _name, _retried(_name))
 
 
