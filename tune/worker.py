@@ -9,7 +9,9 @@ spawns them; `tune worker` joins by hand or from a Slurm job). A worker
 * stops asking for trials when the budget is used, but before it exits waits until no trial is
   RUNNING any more, failing stale ones (`fail_stale_trials`) and running their re-queued copies;
 * on SIGTERM or Ctrl-C fails its running trial, re-queues it for another worker and exits
-  (exit status 143 or 130).
+  (exit status 143 or 130);
+* retries storage calls through outages (tune.storage) and exits with one line and status 75 when
+  the storage stays unreachable for `study.storage_timeout_s`; its trial is re-run by the others.
 """
 from __future__ import annotations
 
