@@ -279,8 +279,3 @@ def _set_attrs(trial: optuna.Trial, **attrs: Any) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             value = None  # JSON has no NaN; the dashboard could not read it
         trial.set_user_attr(key, value)
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
