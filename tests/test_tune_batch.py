@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 

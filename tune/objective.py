@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts import upload_artifact
 
 import metrics
 import recon
@@ -25,6 +25,7 @@ from tune.ranking import best_trials
 from tune.record import TrialRecord, write
 from tune.schema import GROUND_TRUTH_METRICS, score_key
 from tune.space import suggest, trial_plan
+from tune.storage import AtomicArtifactStore, StorageUnreachable
 from tune.study import StudyConfig
 
 #: How many points of a loss curve are stored per trial at most.
@@ -61,7 +62,7 @@ class Objective:
         self.current_batch: list[optuna.Trial] = []  # batched trials asked and not told yet
         self._datasets: dict[Any, recon.Dataset] = {}
         self._scorer: metrics.Scorer | None = None
-        self._store = FileSystemArtifactStore(str(_mkdir(config.artifact_dir)))
+        self._store = AtomicArtifactStore(str(config.artifact_dir))  # created on first write (a trial's error)
 
     # ------------------------------------------------------------------ the trial
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
@@ -85,7 +86,7 @@ class Objective:
         reason recorded; pruning, interruption and a recorded failure pass through."""
         try:
             return step()
-        except (optuna.TrialPruned, TrialFailed):
+        except (optuna.TrialPruned, TrialFailed, StorageUnreachable):
             raise
         except KeyboardInterrupt:
             write(trial, TrialRecord(fail_reason="interrupted: the worker was stopped (SIGINT/SIGTERM)"))
@@ -170,6 +171,10 @@ class Objective:
         return values[0] if len(values) == 1 else values
 
     # ------------------------------------------------------------------ data and scoring
+    def preload(self, dataset: recon.Dataset) -> None:
+        """Use `dataset` (already loaded and checked) for trials on the base plan's data."""
+        self._datasets[self.config.base_plan.data] = dataset
+
     def dataset(self, data: Any) -> recon.Dataset:
         """The prepared dataset of a plan's data section (loaded once per worker)."""
         if data not in self._datasets:
@@ -210,7 +215,7 @@ class Objective:
         with tempfile.TemporaryDirectory(prefix="tune-") as tmp:
             stem = f"trial_{trial.number:05d}"
             if keep != "none" or "result_h5" in wanted:
-                folder = _mkdir(self.config.output_dir / "trials") if keep != "none" else Path(tmp)
+                folder = self.config.output_dir / "trials" if keep != "none" else Path(tmp)  # save() creates it
                 result_file = result.save(folder / f"{stem}.h5")
                 if keep != "none":
                     write(trial, TrialRecord(result_path=str(result_file)))
@@ -309,6 +314,3 @@ def _curve(values: Any) -> list[float | None] | None:
     return [float(v) if math.isfinite(v) else None for v in arr]
 
 
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -63,6 +63,7 @@ class StudySection(_Frozen):
     heartbeat_interval_s: int = Field(10, ge=1, description="seconds between a running trial's heartbeats")
     grace_period_s: int | None = Field(None, ge=1, description="silence after which a trial counts as dead; default 3 heartbeats")
     max_retries: int = Field(3, ge=0, description="re-runs of a trial whose worker died or was stopped")
+    storage_timeout_s: float = Field(120.0, gt=0, description="a worker that cannot reach the storage this long exits")
     trials_per_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="trials per compiled program on a worker's device; auto: as many as fit in a GPU's "
                             "free memory (one on a CPU, where batching is slower per trial)")

@@ -137,12 +137,12 @@ def simulated_data_path(output_dir: Path, data: StudyData) -> Path:
 
 
 def storage_url(url: str | None, study_file: Path) -> str:
-    """The storage URL; SQLite paths resolve against the study file's folder."""
+    """The storage URL; SQLite and journal file paths resolve against the study file's folder."""
     if url is None:
         return f"sqlite:///{study_file.with_suffix('.db')}"
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and url != prefix + ":memory:":
-        return prefix + str(_resolve(study_file.parent, url[len(prefix):]))
+    for prefix in ("sqlite:///", "journal:///"):
+        if url.startswith(prefix) and url != prefix + ":memory:":
+            return prefix + str(_resolve(study_file.parent, url[len(prefix):]))
     plain_pg = "postgresql://"
     if url.startswith(plain_pg) and find_spec("psycopg") is None and find_spec("psycopg2") is not None:
         return "postgresql+psycopg2://" + url[len(plain_pg):]  # SQLAlchemy 2.1's default driver is psycopg 3

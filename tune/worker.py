@@ -9,7 +9,9 @@ spawns them; `tune worker` joins by hand or from a Slurm job). A worker
 * stops asking for trials when the budget is used, but before it exits waits until no trial is
   RUNNING any more, failing stale ones (`fail_stale_trials`) and running their re-queued copies;
 * on SIGTERM or Ctrl-C fails its running trial, re-queues it for another worker and exits
-  (exit status 143 or 130).
+  (exit status 143 or 130);
+* retries storage calls through outages (tune.storage) and exits with one line and status 75 when
+  the storage stays unreachable for `study.storage_timeout_s`; its trial is re-run by the others.
 """
 from __future__ import annotations
 
@@ -20,15 +22,17 @@ from collections.abc import Callable
 from types import FrameType
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from tune import budget
 from recon.simulate import write_dataset
 from tune.batch import ask_batch, fail_unfinished, resolve_trials_per_batch, run_batch
+from tune.integrity import check_fingerprint, load_checked_data, storage_failure
 from tune.objective import Objective, TrialFailed, WorkerInfo, keep_best_results, stop_optimize
 from tune.record import TrialRecord
-from tune.storage import create_or_load, open_storage
+from tune.storage import STORAGE_EXIT_STATUS, create_or_load, open_study_storage
 from tune.strategy import build_pruner, build_sampler
 from tune.study import StudyConfig, check_data
 
@@ -88,10 +92,11 @@ def run_worker(config: StudyConfig, index: int | None, device: str,
     try:
         ensure_data(config)
         check_data(config)
-        s = config.spec.study
-        storage = open_storage(config.storage_url, s.heartbeat_interval_s, config.grace_period_s, s.max_retries)
-        study = join_study(config, storage, index)
         objective = Objective(config, WorkerInfo.here(index, device), config.budget)
+        objective.preload(load_checked_data(config))  # a corrupt data file: PlanError before the study is touched
+        storage = open_study_storage(config)
+        study = join_study(config, storage, index)
+        check_fingerprint(study, config)  # refuse to join when the data file changed since the study began
         k = resolve_trials_per_batch(config, objective)
         log(f"{name}: joined study {config.name} on {device}" + (f", {k} trials per batch" if k > 1 else ""))
         _work(study, objective, config, lambda t: log(f"{name}: {describe_trial(t)}"), k, storage)
@@ -99,6 +104,12 @@ def run_worker(config: StudyConfig, index: int | None, device: str,
         _requeue_interrupted(study, objective, config.spec.study.max_retries)
         log(f"{name}: stopped by {stop}")
         return 128 + stop.signum
+    except Exception as err:
+        lost = storage_failure(err)
+        if lost is None:
+            raise
+        log(f"{name}: {lost}; exiting (its running trial is re-run by the other workers)")
+        return STORAGE_EXIT_STATUS
     log(f"{name}: done")
     return 0
 
@@ -124,12 +135,25 @@ def _work(study: optuna.Study, objective: Objective, config: StudyConfig, report
             pending = ask_batch(study, objective, trials_per_batch, config.budget, lambda t: after_trial(study, t))
             run_batch(study, objective, pending, storage, lambda t: after_trial(study, t))
         elif counts.used < config.budget or counts.waiting:
-            study.optimize(objective, callbacks=[after_trial], catch=(TrialFailed,), gc_after_trial=False,
-                           timeout=None if deadline == float("inf") else max(deadline - time.monotonic(), 0.0))
+            try:
+                study.optimize(objective, callbacks=[after_trial], catch=(TrialFailed,), gc_after_trial=False,
+                               timeout=None if deadline == float("inf") else max(deadline - time.monotonic(), 0.0))
+            except (UpdateFinishedTrialError, ValueError):  # "Cannot tell a FAIL trial": see _taken_over
+                if not _taken_over(study, objective):
+                    raise
         elif counts.running:
             time.sleep(WAIT_POLL_S)  # other workers' trials may still die and be re-queued
         else:
             return
+
+
+def _taken_over(study: optuna.Study, objective: Objective) -> bool:
+    """True when this worker's trial was failed (and re-queued) by another worker meanwhile: its
+    heartbeats could not reach the storage for longer than the grace period. The worker goes on."""
+    if objective.current is None:
+        return False
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == objective.current.number), None)
+    return trial is not None and trial.state == TrialState.FAIL
 
 
 def _requeue_interrupted(study: optuna.Study | None, objective: Objective | None, max_retries: int) -> None:
