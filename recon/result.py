@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class Result:
     final_data_loss: float = float("nan")
     compile_s: float = 0.0
     run_s: float = 0.0
+    preprocessing: dict = field(default_factory=dict)  # what recon.preprocess did to the patterns (Dataset)
 
     @property
     def phase(self) -> np.ndarray:
@@ -86,6 +88,7 @@ class Result:
         f.attrs["diverged"] = bool(self.diverged)
         f.attrs["converged"] = bool(self.converged)
         f.attrs["stop_reason"] = self.stop_reason
+        f.attrs["preprocessing"] = json.dumps(self.preprocessing, default=float)
 
 
 class ResultWriteError(OSError):
@@ -126,6 +129,7 @@ def load_result(path: str | Path) -> Result:
                 diverged=bool(a["diverged"]), converged=bool(a["converged"]), stop_reason=str(a["stop_reason"]),
                 heldout_indices=f["heldout_indices"][()], heldout_loss=float(a["heldout_loss"]),
                 final_data_loss=float(a["final_data_loss"]), compile_s=float(a["compile_s"]), run_s=float(a["run_s"]),
+                preprocessing=json.loads(a.get("preprocessing", "{}")),
             )
     except OSError as err:
         raise PlanError(f"{path}: cannot read result file ({err})") from None

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
+import recon
 from recon import detectors
 from recon.data import load_dataset
 from recon.detectors import write_empad, write_mib
@@ -465,3 +466,17 @@ def test_cli_inspect_init_and_bad_input(mib, tmp_path):
                  ("inspect", str(path), "--set", "data.scan_shape=[4,4]")):
         r = _tune(*args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr
+
+
+def test_the_result_file_records_the_preprocessing(mib, tmp_path):
+    path, dp = mib
+    plan = recon.plan_from_dict({
+        "data": {"path": str(path)}, "iterations": 1, "batch_size": 8,
+        "probe": {"energy_eV": 200e3, "semiangle_mrad": 20.0, "defocus_A": 0.0},
+        "detector": {"dk_invA": 0.05}, "scan": {"step_A": 0.5}})
+    saved = recon.reconstruct(plan).save(tmp_path / "r.h5")
+    record = recon.load_result(saved).preprocessing
+    assert record["format"] == "mib" and record["shift_yx_px"] == [2, -2]
+    without_step = recon.plan_from_dict({**plan.model_dump(mode="json"), "scan": {"step_A": None}})
+    with pytest.raises(PlanError, match="scan.step_A"):  # a MIB file has no scan step: grid indices are not Å
+        recon.reconstruct(without_step)

@@ -141,10 +141,12 @@ def _tell(study: optuna.Study, objective: Objective, trial: optuna.Trial, state:
     """Tell one outcome; the trial leaves the worker's list of running batch trials.
 
     The grid sampler calls study.stop() once its grid is used, which Optuna refuses outside
-    study.optimize; the outcome is stored before that (Optuna stores it in a `finally`).
+    study.optimize; the outcome is stored before that (Optuna stores it in a `finally`). A trial
+    another worker failed meanwhile (this worker's heartbeats could not reach the storage for the
+    grace period; it is re-queued there) keeps that state.
     """
     try:
-        study.tell(trial, values, state=None if values is not None else state)
+        study.tell(trial, values, state=None if values is not None else state, skip_if_finished=True)
     except RuntimeError as err:
         if "Study.stop" not in str(err):
             raise
