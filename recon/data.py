@@ -37,6 +37,7 @@ import numpy as np
 from . import preprocess
 from .detectors import DETECTOR_FORMATS, detect_format, open_detector, wavelength_A
 from .plan import DataSpec, PlanError, SubsetSpec
+from .validate import check_patterns
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
@@ -376,7 +377,7 @@ def _prepare(src: _Source, spec: DataSpec) -> Dataset:
     patterns = np.asarray(raw, dtype=np.float32).reshape(-1, n_disk, n_disk)
     steps = preprocess.resolve_steps(spec, src.kind in DETECTOR_FORMATS)
     patterns, mask, record = preprocess.apply(patterns, src.detector_mask, steps, kept_shape, src.vacuum, src.source)
-    _check_values(patterns, src.source)
+    check_patterns(patterns, src.source)
     if spec.dc_centered:
         patterns = np.fft.ifftshift(patterns, axes=(-2, -1))
         mask = None if mask is None else np.fft.ifftshift(mask)
@@ -418,16 +419,6 @@ def _read_patterns(src: _Source, ys: slice, xs: slice, indices: np.ndarray) -> n
     if src.patterns.ndim == 4:
         return src.patterns[ys, xs]
     return src.patterns[indices] if isinstance(src.patterns, h5py.Dataset) else np.asarray(src.patterns)[indices]
-
-
-def _check_values(patterns: np.ndarray, source: str) -> None:
-    bad = int(np.count_nonzero(~np.isfinite(patterns)))
-    if bad:
-        raise PlanError(f"{source}: data.patterns: {bad} NaN/inf values; patterns must be finite")
-    negative = int(np.count_nonzero(patterns < 0))
-    if negative:
-        raise PlanError(f"{source}: data.patterns: {negative} negative values (min {patterns.min():.3g}); "
-                        f"patterns must be intensities ≥ 0")
 
 
 def crop_frequencies(a: np.ndarray, n_out: int) -> np.ndarray:

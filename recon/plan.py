@@ -314,7 +314,7 @@ def describe_validation_error(err: ValidationError, source: str, model: type[Bas
     `prefix` is put before the key path (e.g. "recon." for a plan inside a study file).
     """
     e = err.errors()[0]
-    loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
+    loc = [str(p) if str(p).isprintable() else repr(p) for p in e["loc"] if not str(p).startswith("function-")]
     key = prefix + ".".join(loc)
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
@@ -380,15 +380,22 @@ def load_yaml(path: str | Path) -> Any:
     """Read YAML with the safe loader; a missing or malformed file is a PlanError."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as err:
         raise PlanError(f"{p}: cannot read file ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise PlanError(f"{p}: not a YAML text file (byte {err.start} is not UTF-8)") from None
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise PlanError(f"{p}: invalid YAML (nested too deeply)") from None
+    except ValueError as err:  # e.g. a date such as 2024-13-01, which the YAML loader turns into a datetime
+        raise PlanError(f"{p}: invalid YAML value ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise PlanError(f"{p}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+        problem = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+        raise PlanError(f"{p}:{where} invalid YAML ({problem})") from None
 
 
 def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Plan:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage, optimize
+from scipy import optimize
 
 from .plan import DataSpec, PlanError
 

@@ -1,6 +1,9 @@
 """Reconstruction results: in memory, and as HDF5 files that can be scored and resumed."""
 from __future__ import annotations
 
+import errno
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +42,7 @@ class Result:
     final_data_loss: float = float("nan")
     compile_s: float = 0.0
     run_s: float = 0.0
+    preprocessing: dict = field(default_factory=dict)  # what recon.preprocess did to the patterns (Dataset)
 
     @property
     def phase(self) -> np.ndarray:
@@ -46,29 +50,67 @@ class Result:
         return np.angle(self.object).sum(axis=0)
 
     def save(self, path: str | Path) -> Path:
-        """Write the documented HDF5 layout (README, "Result file")."""
+        """Write the documented HDF5 layout (README, "Result file").
+
+        Atomic: the file is written under a temporary name in the same folder and renamed, so
+        `path` is either the complete result or absent. A folder that cannot be written (read-only,
+        full) raises `ResultWriteError` (an OSError) naming the file and the reason, and leaves
+        nothing behind."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
-        with h5py.File(tmp, "w") as f:
-            f["object"] = self.object.astype(np.complex64)
-            f["probe"] = self.probe.astype(np.complex64)
-            f["positions_yx_A"] = np.asarray(self.positions_yx_A, np.float64)
-            f["heldout_indices"] = np.asarray(self.heldout_indices, np.int64)
-            for name, values in self.history.items():
-                f[f"history/{name}"] = np.asarray(values)
-            f.attrs["dx_A"] = float(self.dx_A)
-            f.attrs["origin_yx_A"] = np.asarray(self.origin_yx_A, np.float64)
-            f.attrs["plan"] = self.plan.to_yaml()
-            for key in ("slice_thickness_A", "energy_eV", "sigma_rad_per_VA", "heldout_loss", "final_data_loss",
-                        "compile_s", "run_s"):
-                f.attrs[key] = float(getattr(self, key))
-            f.attrs["iterations_done"] = int(self.iterations_done)
-            f.attrs["diverged"] = bool(self.diverged)
-            f.attrs["converged"] = bool(self.converged)
-            f.attrs["stop_reason"] = self.stop_reason
-        tmp.replace(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with h5py.File(tmp, "w") as f:
+                self._write(f)
+            os.replace(tmp, path)
+        except OSError as err:
+            _discard(tmp)
+            raise ResultWriteError(f"cannot write result file {path}: {_os_reason(err)}") from None
+        except BaseException:
+            _discard(tmp)
+            raise
         return path
+
+    def _write(self, f: h5py.File) -> None:
+        f["object"] = self.object.astype(np.complex64)
+        f["probe"] = self.probe.astype(np.complex64)
+        f["positions_yx_A"] = np.asarray(self.positions_yx_A, np.float64)
+        f["heldout_indices"] = np.asarray(self.heldout_indices, np.int64)
+        for name, values in self.history.items():
+            f[f"history/{name}"] = np.asarray(values)
+        f.attrs["dx_A"] = float(self.dx_A)
+        f.attrs["origin_yx_A"] = np.asarray(self.origin_yx_A, np.float64)
+        f.attrs["plan"] = self.plan.to_yaml()
+        for key in ("slice_thickness_A", "energy_eV", "sigma_rad_per_VA", "heldout_loss", "final_data_loss",
+                    "compile_s", "run_s"):
+            f.attrs[key] = float(getattr(self, key))
+        f.attrs["iterations_done"] = int(self.iterations_done)
+        f.attrs["diverged"] = bool(self.diverged)
+        f.attrs["converged"] = bool(self.converged)
+        f.attrs["stop_reason"] = self.stop_reason
+        f.attrs["preprocessing"] = json.dumps(self.preprocessing, default=float)
+
+
+class ResultWriteError(OSError):
+    """A result file could not be written (read-only or full folder, ...); one line for the user."""
+
+
+def _discard(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # a read-only file system: nothing was written there either
+        pass
+
+
+def _os_reason(err: OSError) -> str:
+    """Why a write failed, in one line: the errno's text when there is one (h5py puts it in its message)."""
+    if err.errno is not None:
+        return os.strerror(err.errno)
+    text = str(err)
+    for code, name in ((errno.ENOSPC, "errno = 28"), (errno.EACCES, "errno = 13"), (errno.EROFS, "errno = 30")):
+        if name in text:
+            return os.strerror(code)
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_result(path: str | Path) -> Result:
@@ -87,6 +129,7 @@ def load_result(path: str | Path) -> Result:
                 diverged=bool(a["diverged"]), converged=bool(a["converged"]), stop_reason=str(a["stop_reason"]),
                 heldout_indices=f["heldout_indices"][()], heldout_loss=float(a["heldout_loss"]),
                 final_data_loss=float(a["final_data_loss"]), compile_s=float(a["compile_s"]), run_s=float(a["run_s"]),
+                preprocessing=json.loads(a.get("preprocessing", "{}")),
             )
     except OSError as err:
         raise PlanError(f"{path}: cannot read result file ({err})") from None

@@ -20,13 +20,14 @@ import h5py
 import numpy as np
 import pytest
 
+import recon
 from recon import detectors
 from recon.data import load_dataset
 from recon.detectors import write_empad, write_mib
 from recon.plan import DataSpec, PlanError, SubsetSpec
 from recon.preprocess import Steps, apply, bad_pixels, descan_plane, dk_from_disk, fit_disk, wrapped
 from tune.inspect import format_inspection, inspect_data, starter_study
-from tune.study import load_study
+from tune.study import check_data, load_study
 
 SY, SX = 5, 6
 RADIUS = 9.0
@@ -435,6 +436,7 @@ def test_inspect_reports_and_init_writes_a_loadable_study(empad, tmp_path):
     assert set(config.spec.search) >= {"recon.probe.defocus_A", "recon.scan.rotation_deg",
                                        "recon.optimizers.object.learning_rate", "recon.regularizers.object_tv"}
     assert config.base_plan.detector.dk_invA == pytest.approx(0.05) and config.base_plan.scan.step_A == pytest.approx(0.4)
+    check_data(config)  # what tune start and every worker check first: a detector file is not read as HDF5
 
 
 def test_init_calibrates_from_the_disk_and_names_missing_keys(mib, tmp_path):
@@ -464,3 +466,17 @@ def test_cli_inspect_init_and_bad_input(mib, tmp_path):
                  ("inspect", str(path), "--set", "data.scan_shape=[4,4]")):
         r = _tune(*args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr
+
+
+def test_the_result_file_records_the_preprocessing(mib, tmp_path):
+    path, dp = mib
+    plan = recon.plan_from_dict({
+        "data": {"path": str(path)}, "iterations": 1, "batch_size": 8,
+        "probe": {"energy_eV": 200e3, "semiangle_mrad": 20.0, "defocus_A": 0.0},
+        "detector": {"dk_invA": 0.05}, "scan": {"step_A": 0.5}})
+    saved = recon.reconstruct(plan).save(tmp_path / "r.h5")
+    record = recon.load_result(saved).preprocessing
+    assert record["format"] == "mib" and record["shift_yx_px"] == [2, -2]
+    without_step = recon.plan_from_dict({**plan.model_dump(mode="json"), "scan": {"step_A": None}})
+    with pytest.raises(PlanError, match="scan.step_A"):  # a MIB file has no scan step: grid indices are not Å
+        recon.reconstruct(without_step)

@@ -19,7 +19,7 @@ from metrics.cli import score_main
 from recon.plan import PlanError
 from tune.dashboard import serve
 from tune.export import best_plan_text
-from tune.launch import start, worker_slots, write_study_report
+from tune.launch import preflight, start, worker_slots, write_study_report
 from tune.progress import status_report
 from tune.schema import ScoringSpec
 from tune.single import run_plan
@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     c.add_argument("--no-final", action="store_true",
                    help="do not write best.yml and the chosen plan's full reconstruction at the end")
+    c.add_argument("--check", action="store_true", help="only check the study file and its data (nothing is "
+                   "written; a simulated dataset is not made)")
 
     c = study_command("worker", "join a study as one more worker",
                       "Run trials of a study until its budget is used. Start as many as you like, on any machine "
@@ -145,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ConnectionError as err:  # tune.storage.StorageUnreachable: the storage stayed out of reach
+        print(f"error: {err}", file=sys.stderr)
+        return 75
     except KeyboardInterrupt:
         return 130
 
@@ -152,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------- commands
 def _start(args: argparse.Namespace) -> int:
     config = load_study(args.study, args.storage)
+    if args.check:
+        preflight(config)
+        print(f"{args.study}: ok (study {config.name}, {config.budget} trials, storage {config.storage_url})")
+        return 0
     return start(config, worker_slots(args.devices, args.workers), report=not args.no_report, final=not args.no_final)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from recon.data import Dataset, load_dataset
-from recon.detectors import DETECTOR_FORMATS, DetectorMeta, detect_format, open_detector, wavelength_A
+from recon.detectors import DETECTOR_FORMATS, detect_format, open_detector, wavelength_A
 from recon.plan import DataSpec, PlanError
 from recon.preprocess import dk_from_disk, fit_disk
 from tune.study import load_study

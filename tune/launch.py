@@ -24,8 +24,9 @@ import metrics
 from tune import budget
 from tune.final import final_section, write_final
 from tune.progress import progress_line
+from tune.integrity import check_fingerprint, load_checked_data
 from tune.report import write_report
-from tune.storage import create_or_load, open_storage
+from tune.storage import StorageUnreachable, create_or_load, open_study_storage
 from tune.study import StudyConfig, check_data
 from tune.worker import ensure_data
 
@@ -64,8 +65,9 @@ def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True, fin
     reconstruction (`tune.final`, unless `final` is False) and the report; returns the exit status."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _simulate_on_cpu(config)
-    check_data(config)
-    study = create_or_load(config, open_storage(config.storage_url))
+    preflight(config)
+    study = create_or_load(config, open_study_storage(config, heartbeats=False))
+    check_fingerprint(study, config)
     logs = config.output_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     print(f"study {config.name}: {config.budget} trials, {len(slots)} workers "
@@ -95,6 +97,14 @@ def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True, fin
     if report:
         print(f"report: {write_study_report(config, with_final=final)}", flush=True)
     return 0 if finished or all(c == 0 for c in codes) else 1
+
+
+def preflight(config: StudyConfig) -> None:
+    """The checks `tune start` runs before it touches the storage (`tune start --check` runs only
+    these): the data file, its datasets and its values (the whole file is read once)."""
+    check_data(config)
+    if config.spec.data.simulate is None or config.data_path.is_file():
+        load_checked_data(config)
 
 
 def _simulate_on_cpu(config: StudyConfig) -> None:
@@ -127,7 +137,10 @@ def _watch(study: optuna.Study, config: StudyConfig, procs: list[subprocess.Pope
     tty = sys.stdout.isatty()
     last = ""
     while any(p.poll() is None for p in procs):
-        line = progress_line(study, config)
+        try:
+            line = progress_line(study, config)
+        except StorageUnreachable as err:  # the workers decide for themselves; keep watching them
+            line = f"progress unknown: {err}"
         if tty:
             print("\r" + line[: shutil.get_terminal_size().columns - 1].ljust(len(last)), end="", flush=True)
         elif line != last:

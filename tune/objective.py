@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts import upload_artifact
 
 import metrics
 import recon
@@ -33,6 +33,7 @@ from tune.record import TrialRecord, write
 from tune.refine import is_duplicate
 from tune.schema import GROUND_TRUTH_METRICS, HALFSET_METRICS, score_key
 from tune.space import suggest, trial_plan
+from tune.storage import AtomicArtifactStore, StorageUnreachable
 from tune.study import StudyConfig
 
 #: How many points of a loss curve are stored per trial at most.
@@ -65,35 +66,65 @@ class Objective:
         self.config = config
         self.worker = worker
         self.budget_size = budget_size
-        self.current: optuna.Trial | None = None
+        self.current: optuna.Trial | None = None  # the trial run alone now
+        self.current_batch: list[optuna.Trial] = []  # batched trials asked and not told yet
         self._datasets: dict[Any, recon.Dataset] = {}
         self._scorer: metrics.Scorer | None = None
-        self._store = FileSystemArtifactStore(str(_mkdir(config.artifact_dir)))
+        self._store = AtomicArtifactStore(str(config.artifact_dir))  # created on first write (a trial's error)
 
     # ------------------------------------------------------------------ the trial
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        """One trial run alone (study.optimize): start, reconstruct, finish."""
         self.current = trial
+        plan = self.start(trial)
+        return self.guard(trial, lambda: self.finish(trial, *self.run(trial, plan)))
+
+    def start(self, trial: optuna.Trial) -> recon.Plan:
+        """Suggest the trial's settings and build its plan; a trial past the budget (or a second
+        refinement of one parent) fails as surplus."""
         values = suggest(trial, self.config.params)
         self._record_worker(trial)
         surplus = self._surplus(trial)
         if surplus:
             write(trial, TrialRecord(surplus=True))
-            trial.study.stop()
+            stop_optimize(trial.study)
             raise TrialFailed(f"surplus: {surplus}")
+        return self.guard(trial, lambda: self._plan(trial, values))
+
+    def guard(self, trial: optuna.Trial, step: Callable[[], Any]) -> Any:
+        """Run one step of a trial: any error fails that trial only (out of memory included), with its
+        reason recorded; pruning, interruption and a recorded failure pass through."""
         try:
-            plan = self._plan(trial, values)
-            result = self._run(trial, plan)
-            scores, report = self._score(trial, result, plan)
-            objective = self._objective(trial, scores)
-            self._save_outputs(trial, result, report)
-            return objective
-        except (optuna.TrialPruned, TrialFailed):
+            return step()
+        except (optuna.TrialPruned, TrialFailed, StorageUnreachable):
             raise
         except KeyboardInterrupt:
             write(trial, TrialRecord(fail_reason="interrupted: the worker was stopped (SIGINT/SIGTERM)"))
             raise
-        except Exception as err:  # one trial's error (out of memory included) never stops the worker
+        except Exception as err:  # one trial's error never stops the worker
             raise _fail(trial, _one_line(err)) from None
+
+    def reporter(self, trial: optuna.Trial) -> Reporter:
+        """The reconstruction callback of a trial: intermediate values and pruning."""
+        prune = self.config.pruner.name != "none" and TrialRecord.read(trial).refine_of is None
+        return Reporter(trial, self._intermediate(), self.config.spec.objective.report_every, prune=prune)
+
+    def run(self, trial: optuna.Trial, plan: recon.Plan) -> tuple[recon.Result, Reporter, int]:
+        """Reconstruct one plan alone; returns the result, its reporter and the programs compiled."""
+        compiled_before = recon.compile_count()
+        reporter = self.reporter(trial)
+        result = recon.reconstruct(plan, dataset=self.dataset(plan.data), callback=reporter)
+        return result, reporter, recon.compile_count() - compiled_before
+
+    def finish(self, trial: optuna.Trial, result: recon.Result, reporter: Reporter, compiled: int,
+               batch: BatchInfo | None = None) -> float | list[float]:
+        """Record how the reconstruction went, then score it and save its outputs; raises when the
+        trial was pruned or diverged or its objective is not a finite number."""
+        self._record_run(trial, result, reporter, compiled, batch)
+        scores, report = self._score(trial, result)
+        objective = self._objective(trial, scores)
+        self._save_outputs(trial, result, report)
+        return objective
 
     def _record_worker(self, trial: optuna.Trial) -> None:
         """Who runs the trial; a re-run drops the outcome of the attempt it replaces."""
@@ -124,28 +155,24 @@ class Objective:
         write(trial, TrialRecord(plan=plan.to_yaml(), seed=plan.seed))
         return plan
 
-    def _run(self, trial: optuna.Trial, plan: recon.Plan) -> recon.Result:
-        """Reconstruct, reporting intermediate values; raises when pruned or diverged."""
-        compiled_before = recon.compile_count()
-        prune = self.config.pruner.name != "none" and TrialRecord.read(trial).refine_of is None
-        reporter = Reporter(trial, self._intermediate(), self.config.spec.objective.report_every, prune=prune)
-        result = recon.reconstruct(plan, dataset=self._dataset(plan.data), callback=reporter)
+    def _record_run(self, trial: optuna.Trial, result: recon.Result, reporter: Reporter, compiled: int,
+                    batch: BatchInfo | None) -> None:
+        """Write how the reconstruction ran and ended; raises when it diverged or was pruned."""
         write(trial, TrialRecord(
             compile_s=result.compile_s, run_s=result.run_s, iterations_done=result.iterations_done,
-            stop_reason=result.stop_reason, compile_count=recon.compile_count(),
-            compiled=recon.compile_count() - compiled_before,
+            stop_reason=result.stop_reason, compile_count=recon.compile_count(), compiled=compiled,
             loss_curve=_curve(result.history.get("loss")), data_loss_curve=_curve(result.history.get("data_loss"))))
+        if batch is not None:
+            write(trial, TrialRecord(batch=batch.batch_id, batch_size=batch.size, batch_share=batch.share))
         if result.diverged:
             raise _fail(trial, f"diverged: {result.stop_reason}")
         if reporter.pruned_at is not None:
             write(trial, TrialRecord(pruned_at=reporter.pruned_at))
             raise optuna.TrialPruned(f"pruned at iteration {reporter.pruned_at}")
-        return result
 
-    def _score(self, trial: optuna.Trial, result: recon.Result,
-               plan: recon.Plan) -> tuple[dict[str, float], metrics.ScoreReport | None]:
+    def _score(self, trial: optuna.Trial, result: recon.Result) -> tuple[dict[str, float], metrics.ScoreReport | None]:
         """Every score of a result (and the metrics ScoreReport, None without a ground truth), recorded;
-        the half-set scores of the plan when an objective metric needs them."""
+        the half-set scores of its plan when an objective metric needs them."""
         start = time.perf_counter()
         scorer = self.scorer
         report = scorer.report(result) if scorer is not None else None
@@ -154,7 +181,7 @@ class Objective:
         scores.update(heldout_loss=_float(result.heldout_loss), data_loss=_float(result.final_data_loss),
                       runtime_s=float(result.run_s))
         if HALFSET_METRICS.intersection(self.config.spec.objective.metrics):
-            scores.update(self._halfset_scores(plan))
+            scores.update(self._halfset_scores(result.plan))
         write(trial, TrialRecord(score_s=time.perf_counter() - start, metrics=scores))
         return scores, report
 
@@ -170,13 +197,18 @@ class Objective:
     def _halfset_scores(self, plan: recon.Plan) -> dict[str, float]:
         """The half-set FRC scores of the plan (`halfset_s`: seconds for both halves and the comparison)."""
         start = time.perf_counter()
-        half_a, half_b = reconstruct_halves(plan, self._dataset(plan.data))
+        half_a, half_b = reconstruct_halves(plan, self.dataset(plan.data))
         if half_a.diverged or half_b.diverged:
             return dict.fromkeys(HALFSET_METRICS, math.nan)
         return {**compare_halves(half_a, half_b).scores(), "halfset_s": time.perf_counter() - start}
 
     # ------------------------------------------------------------------ data and scoring
-    def _dataset(self, data: Any) -> recon.Dataset:
+    def preload(self, dataset: recon.Dataset) -> None:
+        """Use `dataset` (already loaded and checked) for trials on the base plan's data."""
+        self._datasets[self.config.base_plan.data] = dataset
+
+    def dataset(self, data: Any) -> recon.Dataset:
+        """The prepared dataset of a plan's data section (loaded once per worker)."""
         if data not in self._datasets:
             self._datasets[data] = recon.load_dataset(data)
         return self._datasets[data]
@@ -215,7 +247,7 @@ class Objective:
         with tempfile.TemporaryDirectory(prefix="tune-") as tmp:
             stem = f"trial_{trial.number:05d}"
             if keep != "none" or "result_h5" in wanted:
-                folder = _mkdir(self.config.output_dir / "trials") if keep != "none" else Path(tmp)
+                folder = self.config.output_dir / "trials" if keep != "none" else Path(tmp)  # save() creates it
                 result_file = result.save(folder / f"{stem}.h5")
                 if keep != "none":
                     write(trial, TrialRecord(result_path=str(result_file)))
@@ -234,6 +266,16 @@ class Objective:
 
     def _upload(self, trial: optuna.Trial, path: Path) -> str:
         return upload_artifact(artifact_store=self._store, file_path=str(path), study_or_trial=trial)
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """Which batch a trial ran in (tune.batch): its id, its number of trials and the trial's share
+    of the batch's run time (its iterations over all trials' iterations)."""
+
+    batch_id: str
+    size: int
+    share: float
 
 
 class Reporter:
@@ -266,6 +308,14 @@ def keep_best_results(study: optuna.Study) -> None:
             Path(path).unlink(missing_ok=True)
 
 
+def stop_optimize(study: optuna.Study) -> None:
+    """End study.optimize after the current trial; batched trials (asked by hand) need no stop."""
+    try:
+        study.stop()
+    except RuntimeError:  # not inside study.optimize
+        pass
+
+
 def _objective_value(scores: dict[str, Any], name: str) -> float:
     """An objective metric from a dict of scores (NaN if missing)."""
     value = scores.get(score_key(name))
@@ -296,6 +346,3 @@ def _curve(values: Any) -> list[float | None] | None:
     return [float(v) if math.isfinite(v) else None for v in arr]
 
 
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -52,14 +52,33 @@ def status_report(study: optuna.Study, config: StudyConfig) -> str:
         lines.append(f"         not counted: {c.requeued} re-queued after their worker stopped, {c.surplus} surplus")
     for t in best_trials(study)[:5]:
         values = ", ".join(f"{m} {v:.4g}" for m, v in zip(config.spec.objective.metrics, t.values))
-        lines.append(f"best     trial {t.number}: {values}{describe_parent(study, t)}")
+        lines.append(f"best     trial {t.number}: {values}{describe_parent(study, t)}{batch_text(TrialRecord.read(t))}")
         lines.extend(f"           {name} = {value!r}" for name, value in t.params.items())
     failures = Counter((TrialRecord.read(t).fail_reason or "?").split(":")[0] for t in trials
                        if t.state == TrialState.FAIL and not budget.is_surplus(t))
     if failures:
         lines.append("failures " + ", ".join(f"{n} {reason}" for reason, n in failures.most_common()))
     lines.extend(_worker_lines(trials))
+    lines.extend(_batch_lines(trials))
     return "\n".join(lines)
+
+
+def batch_text(record: TrialRecord) -> str:
+    """' (batch host:pid:n of K, x % of its time)' for a batched trial, '' otherwise."""
+    if record.batch is None:
+        return ""
+    return f" (batch {record.batch} of {record.batch_size}, {100 * (record.batch_share or 0):.0f} % of its time)"
+
+
+def _batch_lines(trials: list[FrozenTrial]) -> list[str]:
+    """How many batched programs ran, their sizes, and each finished trial's batch."""
+    batched = [(t.number, TrialRecord.read(t)) for t in trials if TrialRecord.read(t).batch is not None]
+    if not batched:
+        return []
+    sizes = Counter(r.batch for _, r in batched)
+    lines = [f"batches  {len(sizes)} batched programs, {min(sizes.values())}-{max(sizes.values())} trials each"]
+    lines.extend(f"         trial {n}{batch_text(r)}" for n, r in batched)
+    return lines
 
 
 def _worker_lines(trials: list[FrozenTrial]) -> list[str]:

@@ -51,6 +51,7 @@ def open_for_reading(
     A URL with a scheme is an RDB (SQLite: no pool, ``busy_timeout_s``, optionally read-only;
     others: ``pool_pre_ping``); anything else is an Optuna journal file. Never creates a database.
     """
+    url = url.removeprefix("journal:///")  # tune's journal URL: the file path after it
     if "://" not in url:
         if not Path(url).is_file():
             raise FileNotFoundError(f"no journal storage file {url}")

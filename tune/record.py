@@ -35,6 +35,9 @@ class TrialRecord(BaseModel):
     compiled: int | None = Field(None, description="programs compiled during this trial")
     iterations_done: int | None = None
     stop_reason: str | None = None
+    batch: str | None = Field(None, description="batched trials: the batch it ran in (host:pid:n)")
+    batch_size: int | None = Field(None, description="trials in that batch's program")
+    batch_share: float | None = Field(None, description="its share of the batch's run time (iterations)")
     loss_curve: list[float | None] | None = Field(None, description="loss per iteration (thinned)")
     data_loss_curve: list[float | None] | None = None
     # what came out

@@ -27,6 +27,7 @@ from tune import figures
 from tune.panels import ReconInputs, build_scorer, reconstruction_panels
 from tune.ranking import ranked_trials
 from tune.report_data import (
+    batch_table,
     best_table,
     complete_trials,
     counted_trials,
@@ -128,6 +129,9 @@ def summary_html(study: optuna.Study, trials: Sequence[FrozenTrial], surplus: in
         "<h3>Time per worker (seconds)</h3>", table_html(timing_table(trials)),
         "<h3>Failed trials</h3>", table_html(failure_table(trials)),
     ]
+    batches = batch_table(trials)
+    if not batches.empty:
+        parts += ["<h3>Batched trials (one compiled program per batch)</h3>", table_html(batches)]
     return "\n".join(parts)
 
 

@@ -166,6 +166,15 @@ def timing_table(trials: Sequence[FrozenTrial]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def batch_table(trials: Sequence[FrozenTrial]) -> pd.DataFrame:
+    """Batched trials: the batch each ran in, its size and the trial's share of the batch's run time."""
+    rows = [{"trial": t.number, "state": t.state.name.lower(), "batch": r.batch, "trials in batch": r.batch_size,
+             "share of batch time": None if r.batch_share is None else round(r.batch_share, 3),
+             "batch run s": r.run_s}
+            for t in trials if (r := TrialRecord.read(t)).batch is not None]
+    return pd.DataFrame(rows)
+
+
 def rerun_as(trials: Sequence[FrozenTrial]) -> dict[int, int]:
     """Failed trial number → the number of the trial that re-ran it (stale heartbeat, re-queued)."""
     with warnings.catch_warnings():

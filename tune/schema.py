@@ -4,7 +4,7 @@ Pure configuration: this module imports nothing of tune, so every other module m
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -76,6 +76,10 @@ class StudySection(_Frozen):
     max_retries: int = Field(3, ge=0, description="re-runs of a trial whose worker died or was stopped")
     refine: RefineSpec | None = Field(None, description="re-run the best short trials longer; the best is chosen "
                                       "among them (tune.refine)")
+    storage_timeout_s: float = Field(120.0, gt=0, description="a worker that cannot reach the storage this long exits")
+    trials_per_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="trials per compiled program on a worker's device; auto: as many as fit in a GPU's "
+                            "free memory (one on a CPU, where batching is slower per trial)")
 
 
 class StudyData(DataSpec):

@@ -19,6 +19,7 @@ from typing import Any
 import h5py
 from pydantic import ValidationError
 
+from recon.detectors import detect_format
 from recon.plan import Plan, PlanError, describe_validation_error, load_yaml
 from tune.schema import DEFAULT_DIRECTIONS, GROUND_TRUTH_METRICS, Direction, PrunerSpec, StudyData, StudyFile
 from tune.space import SearchParam, grid, resolve_search
@@ -136,12 +137,12 @@ def simulated_data_path(output_dir: Path, data: StudyData) -> Path:
 
 
 def storage_url(url: str | None, study_file: Path) -> str:
-    """The storage URL; SQLite paths resolve against the study file's folder."""
+    """The storage URL; SQLite and journal file paths resolve against the study file's folder."""
     if url is None:
         return f"sqlite:///{study_file.with_suffix('.db')}"
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and url != prefix + ":memory:":
-        return prefix + str(_resolve(study_file.parent, url[len(prefix):]))
+    for prefix in ("sqlite:///", "journal:///"):
+        if url.startswith(prefix) and url != prefix + ":memory:":
+            return prefix + str(_resolve(study_file.parent, url[len(prefix):]))
     plain_pg = "postgresql://"
     if url.startswith(plain_pg) and find_spec("psycopg") is None and find_spec("psycopg2") is not None:
         return "postgresql+psycopg2://" + url[len(plain_pg):]  # SQLAlchemy 2.1's default driver is psycopg 3
@@ -154,6 +155,10 @@ def _resolve(base: Path, value: str | None) -> Path:
     return p if p.is_absolute() else (base / p).resolve()
 
 
+#: Data formats that are not HDF5 files with named datasets (their keys cannot be checked here).
+NOT_HDF5_FORMATS = frozenset({"npy", "empad", "mib", "dm"})
+
+
 def check_data(config: StudyConfig) -> None:
     """Check that the data file and every dataset the study names exist (simulated data: nothing to check)."""
     data = config.spec.data
@@ -162,9 +167,10 @@ def check_data(config: StudyConfig) -> None:
     path = config.data_path
     if not path.is_file():
         raise PlanError(f"{config.file}: data.path: no such file: {path}")
-    if path.suffix == ".npy":
+    kind = detect_format(path, data.format)
+    if kind in NOT_HDF5_FORMATS:  # read by recon.detectors when the worker loads the data
         if data.ground_truth is not None and GROUND_TRUTH_METRICS.intersection(config.spec.objective.metrics):
-            raise PlanError(f"{config.file}: data.ground_truth: a .npy data file has no ground truth; set it to null")
+            raise PlanError(f"{config.file}: data.ground_truth: a {kind} data file has no ground truth; set it to null")
         return
     keys = {"data.patterns": data.patterns}
     if data.positions and not data.positions.endswith(".npy"):
