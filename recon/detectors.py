@@ -123,8 +123,11 @@ def detect_format(path: Path, requested: str = "auto") -> str:
     if not h5py.is_hdf5(path):
         allowed = "HDF5 or .npy; detectors: EMPAD .xml, Merlin .mib, Gatan .dm3/.dm4, Arina/EMD .h5"
         raise PlanError(f"{path}: data.path: not an HDF5 file (allowed: {allowed}; or set data.format)")
-    with h5py.File(path, "r") as f:
-        return hdf5_kind(f)
+    try:
+        with h5py.File(path, "r") as f:
+            return hdf5_kind(f)
+    except OSError as err:  # a truncated or damaged file
+        raise PlanError(f"{path}: data.path: cannot read as HDF5 ({err})") from None
 
 
 def hdf5_kind(f: h5py.File) -> str:
