@@ -72,6 +72,9 @@ def _write_study(tmp_path: Path, data: Path, extra: str, objective: str = "[half
 def test_halfset_metrics_need_no_ground_truth_and_refine_is_checked(tmp_path, tiny_data_path):
     config = load_study(_write_study(tmp_path, tiny_data_path, "", "[halfset_frc_resolution_A, halfset_frc_area]"))
     assert config.directions == ("minimize", "maximize")
+    alone = _write_study(tmp_path, tiny_data_path, "", "[halfset_frc_area]")
+    alone.write_text(alone.read_text().replace(", pruner: {name: none}", ""))
+    assert load_study(alone).pruner.name == "none"          # not pruned on the data loss unless asked
     bad = _write_study(tmp_path, tiny_data_path, "", "[halfset_frc_area]")
     bad.write_text(bad.read_text().replace("pruner: {name: none}", "pruner: {name: none}, refine: {top_k: 0, iterations: 5}"))
     with pytest.raises(PlanError, match="study.refine.top_k"):
