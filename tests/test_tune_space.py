@@ -133,7 +133,8 @@ def test_tune_recon_saves_beside_the_plan_by_default(tmp_path, tiny_plan_dict, m
     assert [p.name for p in tmp_path.iterdir()] == ["plans"]
 
 
-@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("study", [  # sto_slices compiles a program for each slice count up to 26: long
+    pytest.param(p, marks=pytest.mark.slow) if p.stem == "sto_slices" else p for p in STUDIES], ids=lambda p: p.stem)
 def test_every_search_path_reaches_the_physics(study, tiny_data_path, tiny_dataset):
     config = load_study(study)
     tiny = {"iterations": 3, "batch_size": 16, "data": {"path": str(tiny_data_path), "patterns": "dp"}}
