@@ -8,4 +8,9 @@ trials (`tune.objective`) through `recon`, score them with `metrics` and record 
 `tune.launch` runs one worker per device; the report is `tune.report` (with `tune.report_data`,
 `tune.figures`, `tune.panels`); `tune.cli` is the command line. Imports go one way: schema before
 space before strategy before study, and nothing imports back.
+
+From Python (a notebook): `tune.run_study("study.yml", workers=2)` does what `tune start` does.
 """
+from tune.launch import StudyRun, run_study
+
+__all__ = ["StudyRun", "run_study"]
