@@ -42,7 +42,8 @@ def save_score_figure(path_png: str | Path, report: ScoreReport, *, title: str |
     ax.plot(curve.q_invA[kept], curve.frc[kept], "k.-", label=f"FRC ({curve.window} window)")
     for name, (label, color, style) in _THRESHOLD_STYLE.items():
         res = s[RESOLUTION_KEYS[name]]
-        ax.plot(curve.q_invA[kept], curve.threshold(name)[kept], color=color, ls=style, label=f"{label}: {res:.2f} Å")
+        at = f"{res:.2f} Å" if curve.crosses(name) else f"beyond the grid's Nyquist ({res:.2f} Å)"
+        ax.plot(curve.q_invA[kept], curve.threshold(name)[kept], color=color, ls=style, label=f"{label}: {at}")
         ax.axvline(1.0 / res, color=color, ls=style, lw=0.8)
     ax.set_xlim(0, 0.5 / report.dx_A)
     ax.set_ylim(min(-0.1, float(curve.frc[kept].min(initial=0.0))), 1.05)

@@ -80,6 +80,11 @@ class FRCCurve:
             return np.full(self.frc.shape, float(name))
         raise ScoringError(f"unknown FRC threshold {name!r}: use one of {THRESHOLDS}")
 
+    def crosses(self, threshold: str = "half_bit") -> bool:
+        """Whether the FRC falls below the threshold within the grid (else `resolution_A` is only
+        the period of the highest ring, the grid's Nyquist limit, not a measured resolution)."""
+        return bool(np.any((self.frc - self.threshold(threshold))[self.kept] < 0))
+
     def resolution_A(self, threshold: str = "half_bit") -> float:
         """Period 1/q in Å where the FRC first falls below the threshold (linear interpolation
         between rings); 1/q of the highest ring if it never does. Lower is better."""

@@ -1,7 +1,7 @@
 """Loading and preparing diffraction data for the engine.
 
 Sources (`DataSpec`):
-* the native HDF5 layout of ../shared/data (`/dp` or `/dp_noisy/dose_…`, `/scan/positions_yx_A`,
+* the native HDF5 layout (the one recon.simulate writes) (`/dp` or `/dp_noisy/dose_…`, `/scan/positions_yx_A`,
   root attributes `energy_eV`, `semiangle_mrad`, `defocus_A`, `dk_invA`, ...);
 * any other HDF5 dataset path or a `.npy` file, 4D `(sy, sx, ky, kx)` or 3D `(n, ky, kx)`;
 * `simulate:` a synthetic dataset from `recon.simulate` (its first noisy dose, or the clean

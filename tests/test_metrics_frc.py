@@ -14,6 +14,7 @@ def test_frc_of_image_with_itself_is_one():
     curve = frc(image, image, dx_A=0.3)
     assert np.allclose(curve.frc[curve.kept], 1.0)
     assert curve.resolution_A() == pytest.approx(1.0 / curve.q_invA[curve.kept][-1])
+    assert not curve.crosses()  # that "resolution" is only the grid's Nyquist limit
 
 
 def test_frc_of_independent_noise_is_near_zero():
@@ -33,8 +34,8 @@ def test_half_bit_resolution_matches_band_limit(q_max):
     b = signal + 0.3 * rng.standard_normal((n, n))
     band_limit_A = dx_A / q_max
     for other in (b, signal):  # two noisy copies, and against the clean truth
-        res = frc(a, other, dx_A, window="hann").resolution_A("half_bit")
-        assert res == pytest.approx(band_limit_A, rel=0.1)
+        curve = frc(a, other, dx_A, window="hann")
+        assert curve.crosses() and curve.resolution_A("half_bit") == pytest.approx(band_limit_A, rel=0.1)
 
 
 def test_thresholds_and_windows():

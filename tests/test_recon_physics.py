@@ -1,4 +1,4 @@
-"""Physics and forward model against the conventions (../shared/docs/conventions.md)."""
+"""Physics and forward model against the project's conventions (units, signs, FFT and geometry)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

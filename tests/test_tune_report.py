@@ -23,6 +23,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
@@ -89,7 +90,7 @@ def record(trial: optuna.Trial, worker: int, scores: dict[str, float], artifacts
     """What a worker records for a trial."""
     write(trial, TrialRecord(
         plan="iterations: 20\noptimizers:\n  object: {learning_rate: 0.05}\n", seed=trial.number, metrics=scores,
-        loss_curve=[1.0, 0.5, 0.25], compile_s=3.0 if trial.number < 2 else 0.0, run_s=1.5, score_s=0.2,
+        compile_s=3.0 if trial.number < 2 else 0.0, run_s=1.5, score_s=0.2, stop_reason="completed",
         host="node1", device="cpu:0", worker=worker, compile_count=1, artifacts=artifacts))
 
 
@@ -99,10 +100,9 @@ def build_study(tmp_path: Path, directions: list[str], states: list[TrialState],
     (tmp_path / "artifacts").mkdir()
     store = FileSystemArtifactStore(str(tmp_path / "artifacts"))
     study = optuna.create_study(study_name="s", storage=url, directions=directions)
-    if len(directions) == 2:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(["nrmse", "runtime_s"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["nrmse", "runtime_s"][: len(directions)])
     for number, state in enumerate(states):
         trial = study.ask()
         values = suggest(trial, PARAMS)
@@ -161,6 +161,7 @@ def test_report_sections_csv_and_images(tmp_path: Path) -> None:
 
     table = pd.read_csv(paths.csv)
     assert len(table) == len(MIXED) + 1
+    assert len(paths.csv.read_text().splitlines()) == len(table) + 1  # one line per trial
     assert {f"params_{p.name}" for p in PARAMS} <= set(table.columns)
     assert_csv_holds_the_record(table.iloc[0], optuna.load_study(study_name="s", storage=url).trials[0])
     assert table["user_attrs_surplus"].fillna(False).astype(bool).sum() == 1
@@ -177,18 +178,22 @@ def test_report_sections_csv_and_images(tmp_path: Path) -> None:
     # trials 0 and 1 are drawn against the truth from their result files, trial 2 falls back to its image
     assert len(re.findall(r'<img alt="trial \d+" src="data:image/png;base64,', page)) == 3
     assert "(images stored by the worker)" in page
+    # figures: no title repeating the section heading, labels that say what they show
+    assert "Optimization History Plot" not in page and "Trials per worker" not in page
+    assert "optimizers.object..." not in page and f'"{LR}"' in page  # parallel coordinates: full axis names
+    assert '"title":{"text":"iteration"}' in page and "nrmse (quick score)" in page
 
 
 def assert_csv_holds_the_record(row: pd.Series, trial: optuna.trial.FrozenTrial) -> None:
-    """Every recorded attribute is in the row: dictionaries flattened, lists as JSON."""
+    """Every recorded attribute is in the row: dictionaries flattened, the plan as one-line JSON."""
     record = TrialRecord.read(trial)
     assert len(record.model_fields_set) >= 10
     for name in record.model_fields_set:
         value, column = getattr(record, name), f"user_attrs_{name}"
         if isinstance(value, dict):
             assert {k: row[f"{column}_{k}"] for k in value} == pytest.approx(value), name
-        elif isinstance(value, list):
-            assert json.loads(row[column]) == value, name
+        elif isinstance(value, str) and "\n" in value:
+            assert json.loads(row[column]) == yaml.safe_load(value), name
         else:
             assert row[column] == value, name
 
@@ -204,11 +209,13 @@ def test_report_uses_the_studys_ground_truth_key(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="s", storage=config.storage_url)
     trial = study.ask()
     suggest(trial, config.params)
-    write(trial, TrialRecord(result_path=str(write_result(tmp_path / "r.h5", 0.02, 0)), metrics={"nrmse": 0.1}))
-    study.tell(trial, 0.1)
+    exact = write_result(tmp_path / "r.h5", 0.0, 0)  # the truth itself: its FRC never drops below a threshold
+    write(trial, TrialRecord(result_path=str(exact), metrics={"nrmse": 0.0, score_key("frc_resolution_A"): 0.5}))
+    study.tell(trial, 0.0)
     page = write_study_report(config).read_text()
     assert "Ground truth not used" not in page and "No ground truth given" not in page
     assert len(re.findall(r'<img alt="trial 0" src="data:image/png;base64,', page)) == 1
+    assert "FRC ½-bit beyond the grid&#x27;s Nyquist (0.5 Å)" in page  # not a measured resolution
 
 
 def test_zero_complete_trials(tmp_path: Path) -> None:

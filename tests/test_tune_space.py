@@ -15,6 +15,7 @@ import yaml
 from optuna.distributions import CategoricalDistribution
 
 import recon
+from tune.single import run_plan
 from tune.space import suggest, trial_plan
 from tune.study import load_study
 
@@ -121,7 +122,19 @@ def test_sampled_defocus_changes_the_probe_the_engine_uses(tiny_data_path, tiny_
     assert not np.allclose(probes[-150.0], probes[-10.0], atol=1e-3)
 
 
-@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
+def test_tune_recon_saves_beside_the_plan_by_default(tmp_path, tiny_plan_dict, monkeypatch, capsys):
+    plan = tmp_path / "plans" / "tiny.yml"
+    plan.parent.mkdir()
+    plan.write_text(yaml.safe_dump(tiny_plan_dict))
+    monkeypatch.chdir(tmp_path)  # not where the plan is
+    assert run_plan(Path("plans/tiny.yml")) == 0
+    saved = tmp_path / "plans" / "out" / "tiny_result.h5"
+    assert saved.is_file() and f"saved {saved}" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["plans"]
+
+
+@pytest.mark.parametrize("study", [  # sto_slices compiles a program for each slice count up to 26: long
+    pytest.param(p, marks=pytest.mark.slow) if p.stem == "sto_slices" else p for p in STUDIES], ids=lambda p: p.stem)
 def test_every_search_path_reaches_the_physics(study, tiny_data_path, tiny_dataset):
     config = load_study(study)
     tiny = {"iterations": 3, "batch_size": 16, "data": {"path": str(tiny_data_path), "patterns": "dp"}}

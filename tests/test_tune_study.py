@@ -5,7 +5,10 @@ key path, exit status 2 without a traceback, and must leave nothing in the stora
 """
 from __future__ import annotations
 
+import io
+import signal
 import subprocess
+import warnings
 import sys
 import textwrap
 from pathlib import Path
@@ -17,10 +20,15 @@ from optuna.trial import TrialState, create_trial
 
 from recon.plan import Plan, PlanError
 from tune import budget
+from tune.cli import main
+from tune.notices import silence_deliberate_notices
+from tune.objective import keep_best_results, trial_stem
 from tune.launch import worker_slots
+from tune.progress import TrialProgress, eta_s
 from tune.record import TrialRecord
 from tune.space import suggest
 from tune.storage import open_storage
+from tune.schema import PrunerSpec
 from tune.strategy import build_pruner, build_sampler, worker_seed
 from tune.study import load_study, storage_url
 from tune.worker import join_study
@@ -150,15 +158,25 @@ def test_missing_data_file_and_keys_are_reported(tmp_path):
     "study: {name: s1, n_trials: 2}\ndata: {path: missing.h5}\nsearch: {recon.seed: {low: 1, high: 3}}",
 ])
 @pytest.mark.parametrize("command", ["start", "worker"])
-def test_cli_errors_are_one_line_exit_2_and_write_nothing(tmp_path, text, command):
+def test_cli_errors_are_one_line_exit_2_and_write_nothing(tmp_path, text, command, capsys, signals_restored):
+    """In this process (an exception escaping `main` fails the test as a traceback would); the
+    `python -m tune` entry point itself is checked by the help and status tests."""
     path = write(tmp_path, text)
-    run = subprocess.run([sys.executable, "-m", "tune", command, str(path)], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120)
-    assert run.returncode == 2, run.stderr
-    assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
-    assert "Traceback" not in run.stderr and run.stdout == ""
+    assert main([command, str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert out == ""
     assert not (tmp_path / "study.db").exists()  # nothing written to storage
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def signals_restored():
+    """`tune worker` run in this process installs its SIGINT/SIGTERM handlers: put pytest's back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
 
 
 def test_cli_help_documents_every_command():
@@ -168,6 +186,57 @@ def test_cli_help_documents_every_command():
         assert f"tune {command}" in run.stdout
     run = subprocess.run([sys.executable, "-m", "tune", "start", "--help"], capture_output=True, text=True, timeout=60)
     assert "--workers" in run.stdout and "--devices" in run.stdout
+
+
+def test_only_deliberate_optuna_notices_are_silenced(tmp_path):
+    config = load_study(write(tmp_path, GOOD))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_deliberate_notices()
+        join_study(config, open_storage(config.storage_url, 1, 2, 1), 0)  # heartbeats, retries, metric names
+        build_pruner(PrunerSpec(name="wilcoxon"))  # a study file's choice: its notice stays
+    assert [type(w.message).__name__ for w in caught] == ["ExperimentalWarning"]
+    assert "WilcoxonPruner" in str(caught[0].message)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("tune (ptytune) ")
+
+
+def test_eta_comes_from_the_rate_trials_finished_since_the_start():
+    assert eta_s(finished=5, finished_at_start=2, budget_size=12, elapsed_s=30.0) == pytest.approx(70.0)
+    assert eta_s(finished=2, finished_at_start=2, budget_size=12, elapsed_s=30.0) is None
+
+
+def _progress_output(tmp_path, terminal: bool) -> str:
+    config = load_study(write(tmp_path, GOOD))
+    study = optuna.create_study(directions=["minimize"])
+    for number, value in enumerate((0.3, 0.2, 0.25)):
+        study.add_trial(create_trial(value=value, params={"probe.defocus_A": -10.0 * number},
+                                     distributions={"probe.defocus_A": FloatDistribution(-200, 0)}))
+    out = io.StringIO()
+    progress = TrialProgress(config, finished_at_start=1, file=out, terminal=terminal)
+    progress.update(study)
+    progress.close()
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("columns", [100, 40])
+def test_progress_fits_the_terminal(tmp_path, monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    lines = _progress_output(tmp_path, terminal=True).split("\r")
+    assert max(len(line) for line in lines) < columns
+    shown = next(line for line in lines if line.startswith("3/4 "))
+    assert "elapsed " in shown and "ETA " in shown
+    assert ("best nrmse 0.2 (trial 1)" in shown) == (columns == 100)
+
+
+def test_progress_without_a_terminal_is_plain_lines(tmp_path):
+    text = _progress_output(tmp_path, terminal=False)
+    assert "\r" not in text and text.count("\n") == 1
+    assert text.startswith("3/4 trials: 3 complete") and "best nrmse 0.2 (trial 1)" in text and ", ETA " in text
 
 
 def test_status_of_unknown_study_is_a_user_error(tmp_path):
@@ -258,6 +327,17 @@ def _trial(number: int, state: TrialState, **system_attrs) -> optuna.trial.Froze
                      user_attrs=TrialRecord(surplus=system_attrs.pop("surplus", False)).model_dump(exclude_defaults=True))
     t.number = number
     return t
+
+
+def test_only_the_best_result_files_are_kept(tmp_path):
+    """output.keep: best. The file of a trial failed while its worker went on saving it goes too."""
+    study = optuna.create_study()
+    states = [(TrialState.COMPLETE, 0.5), (TrialState.COMPLETE, 0.2), (TrialState.FAIL, None), (TrialState.RUNNING, None)]
+    for number, (state, value) in enumerate(states):
+        study.add_trial(create_trial(state=state, value=value))
+        (tmp_path / f"{trial_stem(number)}.h5").write_bytes(b"")
+    keep_best_results(study, tmp_path)
+    assert sorted(p.stem for p in tmp_path.iterdir()) == [trial_stem(1), trial_stem(3)]  # the best, and one running
 
 
 def test_budget_counts_requeued_and_surplus_trials_once():

@@ -10,4 +10,9 @@ its full reconstruction at the end of `tune start`; `tune.launch` runs one worke
 report is `tune.report` (with `tune.report_data`,
 `tune.figures`, `tune.panels`); `tune.cli` is the command line. Imports go one way: schema before
 space before strategy before study, and nothing imports back.
+
+From Python (a notebook): `tune.run_study("study.yml", workers=2)` does what `tune start` does.
 """
+from tune.launch import StudyRun, run_study
+
+__all__ = ["StudyRun", "run_study"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from recon.plan import PlanError
 from tune.dashboard import serve
 from tune.export import best_plan_text
 from tune.launch import preflight, start, worker_slots, write_study_report
+from tune.notices import silence_deliberate_notices
 from tune.progress import status_report
 from tune.schema import ScoringSpec
 from tune.single import run_plan
@@ -46,6 +47,7 @@ Run `tune COMMAND --help` for the options of each command."""
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tune", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"tune (ptytune) {version('ptytune')}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def study_command(name: str, help: str, description: str) -> argparse.ArgumentParser:
@@ -105,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("plan", metavar="PLAN", help="the plan file (YAML)")
     c.add_argument("--iterations", type=_positive, metavar="N", help="override the plan's iterations")
     c.add_argument("--data", metavar="PATH", help="override data.path")
-    c.add_argument("--out", type=Path, metavar="RESULT", help="result file (default: <plan stem>_result.h5)")
+    c.add_argument("--out", type=Path, metavar="RESULT",
+                   help="result file (default: out/<plan stem>_result.h5 beside the plan file)")
     c.add_argument("--score", action="store_true", help="score the result against the data file's ground truth")
     c.add_argument("--ground-truth", default=metrics.GROUND_TRUTH_KEY, metavar="KEY",
                    help=f"HDF5 dataset of the true phase for --score (default {metrics.GROUND_TRUTH_KEY})")
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["score"]:
         return score_main(argv[1:])
     args = _parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=r".* is experimental \(supported from")  # Optuna's notices
+    silence_deliberate_notices()
     try:
         return COMMANDS[args.command](args)
     except PlanError as err:
@@ -161,7 +164,8 @@ def _start(args: argparse.Namespace) -> int:
         preflight(config)
         print(f"{args.study}: ok (study {config.name}, {config.budget} trials, storage {config.storage_url})")
         return 0
-    return start(config, worker_slots(args.devices, args.workers), report=not args.no_report, final=not args.no_final)
+    return start(config, worker_slots(args.devices, args.workers), report=not args.no_report,
+                 final=not args.no_final).status
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -3,31 +3,39 @@
 Workers are fresh Python processes (`python -m tune worker ...`), never forks of a process that
 has initialised JAX. Each gets `CUDA_VISIBLE_DEVICES` for its GPU; where several workers share a
 GPU, JAX's memory preallocation is turned off for them. Their output goes to
-`<output.dir>/logs/worker-<i>.log`.
+`<output.dir>/logs/worker-<i>.log`. Workers run in their own session, so a Ctrl-C in the terminal
+reaches `tune start` alone, which stops them with one SIGTERM each (as it does when it gets SIGTERM).
+
+`run_study` is the same from Python (a notebook).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import jax
 import optuna
 
 import metrics
 from tune import budget
-from tune.final import final_section, write_final
-from tune.progress import progress_line
 from tune.integrity import check_fingerprint, load_checked_data
+from tune.final import final_section, write_final
+from tune.notices import silence_deliberate_notices
+from tune.progress import TrialProgress, progress_line
 from tune.report import write_report
 from tune.storage import StorageUnreachable, create_or_load, open_study_storage
-from tune.study import StudyConfig, check_data
+from tune.study import StudyConfig, check_data, load_study
 from tune.worker import ensure_data
 
 PROGRESS_POLL_S = 2.0
@@ -51,6 +59,27 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
 
 
+@dataclass(frozen=True)
+class StudyRun:
+    """What a run of a study did: its exit status (0: the budget is used; 1: workers failed before
+    it was; 130: interrupted), the study and the report written (None without one)."""
+
+    status: int
+    study: optuna.Study
+    report: Path | None
+
+
+def run_study(study: str | Path | StudyConfig, *, workers: int | None = None, devices: Sequence[str] | None = None,
+              storage: str | None = None, report: bool = True, final: bool = True) -> StudyRun:
+    """Run a study to its budget from Python, as `tune start` does: `study` is a study file (or a
+    loaded `StudyConfig`); `workers` / `devices` as `--workers` / `--devices`; `storage` replaces
+    study.storage; `final=False` as `--no-final`."""
+    silence_deliberate_notices()
+    config = study if isinstance(study, StudyConfig) else load_study(study, storage)
+    return start(config, worker_slots(list(devices) if devices is not None else None, workers), report=report,
+                 final=final)
+
+
 def worker_slots(devices: list[str] | None, workers: int | None) -> list[WorkerSlot]:
     """Assign workers to devices round-robin. Without GPUs, all workers use the CPU."""
     devices = devices if devices is not None else visible_gpus()
@@ -60,9 +89,10 @@ def worker_slots(devices: list[str] | None, workers: int | None) -> list[WorkerS
     return [WorkerSlot(i, d, d is not None and per_device[d] > 1) for i, d in enumerate(assigned)]
 
 
-def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True, final: bool = True) -> int:
-    """Run the study to its budget (and its refinement), then write the chosen plan and its full
-    reconstruction (`tune.final`, unless `final` is False) and the report; returns the exit status."""
+def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True, final: bool = True) -> StudyRun:
+    """Run the study to its budget (and its refinement): spawn the workers, show progress until they
+    exit, write the chosen plan and its full reconstruction (`tune.final`, unless `final` is False)
+    and the report."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _simulate_on_cpu(config)
     preflight(config)
@@ -71,21 +101,18 @@ def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True, fin
     logs = config.output_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     print(f"study {config.name}: {config.budget} trials, {len(slots)} workers "
-          f"({', '.join(s.device and f'GPU {s.device}' or 'CPU' for s in slots)}), storage {config.storage_url}", flush=True)
-    procs = [_spawn(config, slot, logs) for slot in slots]
-    try:
-        _watch(study, config, procs)
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping workers (their running trials are failed and re-queued)", flush=True)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait()
-        return 130
+          f"({', '.join(s.device and f'GPU {s.device}' or 'CPU' for s in slots)}), storage {config.storage_url}; "
+          f"results in {config.output_dir}", flush=True)
+    with _sigterm_interrupts():
+        procs = [_spawn(config, slot, logs) for slot in slots]
+        try:
+            _watch(study, config, procs)
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping workers (their running trials are failed and re-queued)", flush=True)
+            _stop(procs)
+            return StudyRun(130, study, None)
     codes = [p.returncode for p in procs]
     print(progress_line(study, config), flush=True)
-    finished = _finished(study, config)
     for slot, code in zip(slots, codes):
         if code != 0:
             print(f"warning: worker {slot.index} exited with status {code}; see {logs / f'worker-{slot.index}.log'}",
@@ -94,9 +121,36 @@ def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True, fin
         chosen = write_final(study, config, config.output_dir / "report")
         if chosen is not None:
             print(f"best plan: {chosen.plan_path} ({chosen.caption})", flush=True)
-    if report:
-        print(f"report: {write_study_report(config, with_final=final)}", flush=True)
-    return 0 if finished or all(c == 0 for c in codes) else 1
+    html = write_study_report(config, with_final=final) if report else None
+    if html is not None:
+        print(f"report: {html}", flush=True)
+    return StudyRun(0 if _finished(study, config) or all(c == 0 for c in codes) else 1, study, html)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While workers run, SIGTERM to `tune start` (a batch system stopping it) stops them as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to every running worker (each fails and re-queues its trial), then wait for them."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.wait()
 
 
 def preflight(config: StudyConfig) -> None:
@@ -126,29 +180,25 @@ def _spawn(config: StudyConfig, slot: WorkerSlot, logs: Path) -> subprocess.Pope
             env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     log = open(logs / f"worker-{slot.index}.log", "ab")  # noqa: SIM115 - handed to the child
     try:
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # a terminal's Ctrl-C reaches tune start only
     finally:
         log.close()
 
 
 def _watch(study: optuna.Study, config: StudyConfig, procs: list[subprocess.Popen[bytes]]) -> None:
-    """Show progress until every worker has exited: one line updated in place on a terminal,
-    a new line whenever it changes otherwise."""
-    tty = sys.stdout.isatty()
-    last = ""
-    while any(p.poll() is None for p in procs):
-        try:
-            line = progress_line(study, config)
-        except StorageUnreachable as err:  # the workers decide for themselves; keep watching them
-            line = f"progress unknown: {err}"
-        if tty:
-            print("\r" + line[: shutil.get_terminal_size().columns - 1].ljust(len(last)), end="", flush=True)
-        elif line != last:
-            print(line, flush=True)
-        last = line
-        time.sleep(PROGRESS_POLL_S)
-    if tty:
-        print("\r" + " " * len(last) + "\r", end="", flush=True)
+    """Show progress (`tune.progress.TrialProgress`) until every worker has exited; while the storage
+    is out of reach the workers decide for themselves and the display waits."""
+    progress = TrialProgress(config, budget.count(study.get_trials(deepcopy=False)).finished)
+    try:
+        while any(p.poll() is None for p in procs):
+            try:
+                progress.update(study)
+            except StorageUnreachable:
+                pass
+            time.sleep(PROGRESS_POLL_S)
+    finally:
+        progress.close()
 
 
 def _finished(study: optuna.Study, config: StudyConfig) -> bool:

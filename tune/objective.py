@@ -1,5 +1,10 @@
 """One trial: suggest settings, build their plan, reconstruct, score against the ground truth,
-record everything (`tune.record.TrialRecord`) and save the outputs (result file, images).
+record everything (`tune.record.TrialRecord`) and save the outputs (result file, images, curves).
+
+Artifacts (`<output.dir>/artifacts`, named by artifact id; the file name the dashboard shows is
+`trial_00007_<kind>.<ext>`): every trial that ran has `curves_csv` (loss, data loss, ... per
+iteration); a pruned trial has `phase_png` of its object when it was pruned; a complete one has the
+kinds of `output.artifacts`.
 
 With a half-set objective metric (`halfset_frc_resolution_A`, `halfset_frc_area`) the trial's plan is
 also reconstructed on the two halves of the scan (`recon.halfset`) and compared (`metrics.halfset`).
@@ -18,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
+import pandas as pd
 from optuna.artifacts import upload_artifact
 
 import metrics
@@ -35,10 +40,6 @@ from tune.schema import GROUND_TRUTH_METRICS, HALFSET_METRICS, score_key
 from tune.space import suggest, trial_plan
 from tune.storage import AtomicArtifactStore, StorageUnreachable
 from tune.study import StudyConfig
-
-#: How many points of a loss curve are stored per trial at most.
-MAX_CURVE_POINTS = 1000
-
 
 class TrialFailed(Exception):
     """A trial failed for the reason recorded in its `fail_reason`; the worker goes on."""
@@ -93,7 +94,7 @@ class Objective:
 
     def guard(self, trial: optuna.Trial, step: Callable[[], Any]) -> Any:
         """Run one step of a trial: any error fails that trial only (out of memory included), with its
-        reason recorded; pruning, interruption and a recorded failure pass through."""
+        reason recorded; pruning, interruption, a lost storage and a recorded failure pass through."""
         try:
             return step()
         except (optuna.TrialPruned, TrialFailed, StorageUnreachable):
@@ -119,11 +120,21 @@ class Objective:
     def finish(self, trial: optuna.Trial, result: recon.Result, reporter: Reporter, compiled: int,
                batch: BatchInfo | None = None) -> float | list[float]:
         """Record how the reconstruction went, then score it and save its outputs; raises when the
-        trial was pruned or diverged or its objective is not a finite number."""
-        self._record_run(trial, result, reporter, compiled, batch)
+        trial diverged or was pruned or its objective is not a finite number."""
+        write(trial, TrialRecord(
+            compile_s=result.compile_s, run_s=result.run_s, iterations_done=result.iterations_done,
+            stop_reason=result.stop_reason, compile_count=recon.compile_count(), compiled=compiled))
+        if batch is not None:
+            write(trial, TrialRecord(batch=batch.batch_id, batch_size=batch.size, batch_share=batch.share))
+        artifacts = {"curves_csv": self._save_curves(trial, result)}
+        write(trial, TrialRecord(artifacts=artifacts))
+        if result.diverged:
+            raise _fail(trial, f"diverged: {result.stop_reason}")
+        if reporter.pruned is not None:
+            self._record_pruned(trial, reporter.pruned, artifacts)
         scores, report = self._score(trial, result)
         objective = self._objective(trial, scores)
-        self._save_outputs(trial, result, report)
+        write(trial, TrialRecord(artifacts={**artifacts, **self._save_outputs(trial, result, report)}))
         return objective
 
     def _record_worker(self, trial: optuna.Trial) -> None:
@@ -155,20 +166,14 @@ class Objective:
         write(trial, TrialRecord(plan=plan.to_yaml(), seed=plan.seed))
         return plan
 
-    def _record_run(self, trial: optuna.Trial, result: recon.Result, reporter: Reporter, compiled: int,
-                    batch: BatchInfo | None) -> None:
-        """Write how the reconstruction ran and ended; raises when it diverged or was pruned."""
-        write(trial, TrialRecord(
-            compile_s=result.compile_s, run_s=result.run_s, iterations_done=result.iterations_done,
-            stop_reason=result.stop_reason, compile_count=recon.compile_count(), compiled=compiled,
-            loss_curve=_curve(result.history.get("loss")), data_loss_curve=_curve(result.history.get("data_loss"))))
-        if batch is not None:
-            write(trial, TrialRecord(batch=batch.batch_id, batch_size=batch.size, batch_share=batch.share))
-        if result.diverged:
-            raise _fail(trial, f"diverged: {result.stop_reason}")
-        if reporter.pruned_at is not None:
-            write(trial, TrialRecord(pruned_at=reporter.pruned_at))
-            raise optuna.TrialPruned(f"pruned at iteration {reporter.pruned_at}")
+    def _record_pruned(self, trial: optuna.Trial, pruned: Pruned, artifacts: dict[str, str]) -> None:
+        """Keep a small phase image of the object the pruner stopped, and raise TrialPruned."""
+        with tempfile.TemporaryDirectory(prefix="tune-") as tmp:
+            png = save_phase_figure(Path(tmp) / f"{trial_stem(trial.number)}_phase.png", pruned.reconstruction,
+                                    title=f"trial {trial.number}, pruned at iteration {pruned.iteration}")
+            artifacts = {**artifacts, "phase_png": self._upload(trial, png)}
+        write(trial, TrialRecord(pruned_at=pruned.iteration, artifacts=artifacts))
+        raise optuna.TrialPruned(f"pruned at iteration {pruned.iteration}")
 
     def _score(self, trial: optuna.Trial, result: recon.Result) -> tuple[dict[str, float], metrics.ScoreReport | None]:
         """Every score of a result (and the metrics ScoreReport, None without a ground truth), recorded;
@@ -240,14 +245,24 @@ class Objective:
         return value
 
     # ------------------------------------------------------------------ artifacts and result files
-    def _save_outputs(self, trial: optuna.Trial, result: recon.Result, report: metrics.ScoreReport | None) -> None:
-        """Keep the result file (output.keep) and upload the artifacts (output.artifacts)."""
+    def _save_curves(self, trial: optuna.Trial, result: recon.Result) -> str:
+        """Upload the per-iteration history (loss, data loss, regularisers, seconds) as CSV."""
+        with tempfile.TemporaryDirectory(prefix="tune-") as tmp:
+            path = Path(tmp) / f"{trial_stem(trial.number)}_curves.csv"
+            curves = pd.DataFrame({name: list(values) for name, values in result.history.items()})
+            curves.index = pd.RangeIndex(1, len(curves) + 1, name="iteration")
+            curves.to_csv(path)
+            return self._upload(trial, path)
+
+    def _save_outputs(self, trial: optuna.Trial, result: recon.Result,
+                      report: metrics.ScoreReport | None) -> dict[str, str]:
+        """Keep the result file (output.keep) and upload the artifacts (output.artifacts); their ids."""
         wanted, keep = self.config.artifacts, self.config.spec.output.keep
         ids: dict[str, str] = {}
         with tempfile.TemporaryDirectory(prefix="tune-") as tmp:
-            stem = f"trial_{trial.number:05d}"
+            stem = trial_stem(trial.number)
             if keep != "none" or "result_h5" in wanted:
-                folder = self.config.output_dir / "trials" if keep != "none" else Path(tmp)  # save() creates it
+                folder = self.config.results_dir if keep != "none" else Path(tmp)  # save() creates it
                 result_file = result.save(folder / f"{stem}.h5")
                 if keep != "none":
                     write(trial, TrialRecord(result_path=str(result_file)))
@@ -261,8 +276,7 @@ class Objective:
                                               metrics.Reconstruction(result.object, result.dx_A, result.origin_yx_A),
                                               title=f"trial {trial.number}")
                 ids["phase_png"] = self._upload(trial, phase_png)
-        if ids:
-            write(trial, TrialRecord(artifacts=ids))
+        return ids
 
     def _upload(self, trial: optuna.Trial, path: Path) -> str:
         return upload_artifact(artifact_store=self._store, file_path=str(path), study_or_trial=trial)
@@ -278,13 +292,21 @@ class BatchInfo:
     share: float
 
 
+@dataclass(frozen=True)
+class Pruned:
+    """Where the pruner stopped a reconstruction: the iteration and the object then."""
+
+    iteration: int
+    reconstruction: metrics.Reconstruction
+
+
 class Reporter:
     """The reconstruction callback: reports an intermediate value every `every` iterations and
     stops the reconstruction (returns False) when the pruner says so."""
 
     def __init__(self, trial: optuna.Trial, value: Callable[[Any], float] | None, every: int, prune: bool) -> None:
         self.trial, self.value, self.every, self.prune = trial, value, every, prune
-        self.pruned_at: int | None = None
+        self.pruned: Pruned | None = None
 
     def __call__(self, progress: Any) -> bool | None:
         if self.value is None or progress.iteration % self.every:
@@ -294,18 +316,26 @@ class Reporter:
             return None
         self.trial.report(value, progress.iteration)
         if self.prune and self.trial.should_prune():
-            self.pruned_at = progress.iteration
+            self.pruned = Pruned(progress.iteration,
+                                 metrics.Reconstruction(progress.object(), progress.dx_A, progress.origin_yx_A))
             return False
         return None
 
 
-def keep_best_results(study: optuna.Study) -> None:
-    """Delete the result files of finished trials that are not (any longer) among the best."""
-    best = {t.number for t in best_trials(study)}
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        path = TrialRecord.read(t).result_path
-        if path and t.number not in best:
-            Path(path).unlink(missing_ok=True)
+def trial_stem(number: int) -> str:
+    """The name of a trial's files: trial_00007."""
+    return f"trial_{number:05d}"
+
+
+def keep_best_results(study: optuna.Study, results_dir: Path) -> None:
+    """Delete the result files of finished trials that are not (any longer) among the best. Files
+    are found by name, so the file of a trial failed by another worker (its heartbeat lapsed) while
+    its own worker went on and saved it goes too."""
+    best = {trial_stem(t.number) for t in best_trials(study)}
+    finished = {trial_stem(t.number) for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    for path in results_dir.glob("trial_*.h5"):
+        if path.stem in finished and path.stem not in best:
+            path.unlink(missing_ok=True)
 
 
 def stop_optimize(study: optuna.Study) -> None:
@@ -334,15 +364,3 @@ def _one_line(err: BaseException) -> str:
 
 def _float(value: Any) -> float:
     return math.nan if value is None else float(value)
-
-
-def _curve(values: Any) -> list[float | None] | None:
-    """A loss curve as JSON-safe floats (None for NaN/inf), thinned to MAX_CURVE_POINTS."""
-    if values is None:
-        return None
-    arr = np.asarray(values, dtype=float)
-    if arr.size > MAX_CURVE_POINTS:
-        arr = arr[np.linspace(0, arr.size - 1, MAX_CURVE_POINTS).astype(int)]
-    return [float(v) if math.isfinite(v) else None for v in arr]
-
-

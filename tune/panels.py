@@ -15,9 +15,11 @@ from optuna.trial import FrozenTrial
 import metrics
 from metrics.figure import save_phase_figure, save_score_figure
 from tune.record import TrialRecord
+from tune.schema import score_key
 
+HALF_BIT_RESOLUTION = score_key("frc_resolution_A")
 #: Scores shown under each reconstruction, when the trial recorded them.
-CAPTION_SCORES = ("nrmse", "ssim", "frc_resolution_half_bit_A", "frc_area")
+CAPTION_SCORES = ("nrmse", "ssim", HALF_BIT_RESOLUTION, "frc_area")
 #: Artifact kinds that are images, in the order they are shown.
 IMAGE_ARTIFACTS = ("score_png", "phase_png")
 
@@ -56,10 +58,15 @@ def build_scorer(inputs: ReconInputs) -> metrics.Scorer:
     return metrics.build_scorer(inputs.ground_truth, inputs.ground_truth_key, **inputs.score_options)
 
 
-def trial_caption(trial: FrozenTrial) -> str:
-    """``trial N`` and the headline scores it recorded."""
+def trial_caption(trial: FrozenTrial, frc: metrics.FRCCurve | None = None) -> str:
+    """``trial N`` and the headline scores it recorded; with its FRC curve, a ½-bit resolution the
+    curve never reached is named as the grid's Nyquist limit it is."""
     scores = TrialRecord.read(trial).metrics
     shown = [f"{k} {scores[k]:.4g}" for k in CAPTION_SCORES if isinstance(scores.get(k), (int, float))]
+    resolution = scores.get(HALF_BIT_RESOLUTION)
+    if frc is not None and not frc.crosses("half_bit") and isinstance(resolution, (int, float)):
+        shown = [s if not s.startswith(HALF_BIT_RESOLUTION) else
+                 f"FRC ½-bit beyond the grid's Nyquist ({resolution:.3g} Å)" for s in shown]
     return " · ".join([f"trial {trial.number}", *shown])
 
 
@@ -101,7 +108,9 @@ def trial_panel(
     try:
         result = result_file(trial, store, base_dir, scratch)
         if result is not None and scorer is not None:
-            save_score_figure(png, scorer.report(result), title=caption)
+            report = scorer.report(result)
+            caption = trial_caption(trial, report.frc)
+            save_score_figure(png, report, title=caption)
             return ReconPanel(trial.number, caption, (png.read_bytes(),))
         if result is not None:
             save_phase_figure(png, metrics.load_reconstruction(result), title=f"trial {trial.number}")

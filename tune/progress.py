@@ -1,11 +1,17 @@
-"""Plain-text views of a study: the live progress line of `tune start` and `tune status`."""
+"""Text views of a study: the live progress of `tune start` and the report of `tune status`."""
 from __future__ import annotations
 
+import shutil
+import sys
+import time
 from collections import Counter
+from datetime import timedelta
 from statistics import mean
+from typing import TextIO
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
 
 from tune import budget
 from tune.ranking import best_trials
@@ -17,12 +23,72 @@ from tune.study import StudyConfig
 def progress_line(study: optuna.Study, config: StudyConfig) -> str:
     """One line: trials finished of the budget, by outcome, and the best so far."""
     c = budget.count(study.get_trials(deepcopy=False))
-    line = (f"{c.finished}/{config.budget} trials: {c.complete} complete, {c.pruned} pruned, {c.failed} failed, "
-            f"{c.running} running" + (f", {c.waiting} queued" if c.waiting else ""))
+    refined = refine_text(c, config)
+    return f"{c.finished}/{config.budget} trials: {outcome_text(c)}{refined} | {best_text(study, config)}"
+
+
+def refine_text(c: budget.Counts, config: StudyConfig) -> str:
+    """`; refined 2/3 at 100 iterations` once the refinement (`study.refine`) has begun, else empty."""
     refine = config.spec.study.refine
-    if refine is not None and (c.refined or c.refining or c.refine_queued):
-        line += f"; refined {c.refined}/{refine.top_k} at {refine.iterations} iterations"
-    return f"{line} | {best_text(study, config)}"
+    if refine is None or not (c.refined or c.refining or c.refine_queued):
+        return ""
+    return f"; refined {c.refined}/{refine.top_k} at {refine.iterations} iterations"
+
+
+def outcome_text(c: budget.Counts) -> str:
+    """Trials by outcome, e.g. `10 complete, 2 pruned, 0 failed, 2 running`."""
+    return (f"{c.complete} complete, {c.pruned} pruned, {c.failed} failed, {c.running} running"
+            + (f", {c.waiting} queued" if c.waiting else ""))
+
+
+def eta_s(finished: int, finished_at_start: int, budget_size: int, elapsed_s: float) -> float | None:
+    """Seconds until the budget is used, at the rate trials finished since the start (None before one has)."""
+    done = finished - finished_at_start
+    if done <= 0:
+        return None
+    return max(budget_size - finished, 0) * elapsed_s / done
+
+
+def clock_text(elapsed_s: float, eta: float | None) -> str:
+    """`elapsed 0:01:02, ETA 0:03:10` (ETA `?` before a trial has finished)."""
+    remaining = "?" if eta is None else str(timedelta(seconds=round(eta)))
+    return f"elapsed {timedelta(seconds=round(elapsed_s))}, ETA {remaining}"
+
+
+class TrialProgress:
+    """The live progress of `tune start`. On a terminal: one line fitted to its width (tqdm) with
+    trials finished of the budget, elapsed time, ETA (from the rate at which trials finished since
+    this start), the best so far and the outcomes. Otherwise: a plain line whenever the counts or the
+    best change."""
+
+    def __init__(self, config: StudyConfig, finished_at_start: int, file: TextIO = sys.stdout,
+                 terminal: bool | None = None) -> None:
+        self.config, self.finished_at_start, self.file = config, finished_at_start, file
+        self.started = time.monotonic()
+        self.last = ""
+        self.bar = None
+        if file.isatty() if terminal is None else terminal:
+            self.bar = tqdm(total=config.budget, initial=finished_at_start, unit="trial", file=file, smoothing=0,
+                            leave=False, bar_format="{n_fmt}/{total_fmt} {bar:10} elapsed {elapsed}, ETA {remaining}{postfix}")
+
+    def update(self, study: optuna.Study) -> None:
+        c = budget.count(study.get_trials(deepcopy=False))
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{best_text(study, self.config)} | {outcome_text(c)}", refresh=False)
+            self.bar.ncols = shutil.get_terminal_size().columns - 1  # the line is cut to fit, the end first
+            self.bar.update(c.finished - self.bar.n)
+            self.bar.refresh()
+            return
+        line = progress_line(study, self.config)
+        if line != self.last:
+            elapsed = time.monotonic() - self.started
+            eta = eta_s(c.finished, self.finished_at_start, self.config.budget, elapsed)
+            print(f"{line} | {clock_text(elapsed, eta)}", file=self.file, flush=True)
+            self.last = line
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def best_text(study: optuna.Study, config: StudyConfig) -> str:

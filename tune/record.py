@@ -38,11 +38,10 @@ class TrialRecord(BaseModel):
     batch: str | None = Field(None, description="batched trials: the batch it ran in (host:pid:n)")
     batch_size: int | None = Field(None, description="trials in that batch's program")
     batch_share: float | None = Field(None, description="its share of the batch's run time (iterations)")
-    loss_curve: list[float | None] | None = Field(None, description="loss per iteration (thinned)")
-    data_loss_curve: list[float | None] | None = None
     # what came out
     metrics: dict[str, float | None] = Field({}, description="every score: nrmse, ssim, frc_..., data_loss, runtime_s")
-    artifacts: dict[str, str] = Field({}, description="{kind: artifact id} in <output.dir>/artifacts")
+    artifacts: dict[str, str] = Field({}, description="{kind: artifact id} in <output.dir>/artifacts: curves_csv, "
+                                                       "phase_png, score_png, result_h5")
     result_path: str | None = Field(None, description="the kept result HDF5 (output.keep)")
     # how it ended, when it did not complete
     fail_reason: str | None = None

@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 import pandas as pd
+import yaml
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.study import StudyDirection
@@ -80,7 +81,8 @@ def snapshot_study(storage: str | optuna.storages.BaseStorage, study_name: str) 
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """``study.trials_dataframe()`` without system attrs, dict user attrs flattened, lists as JSON text."""
+    """``study.trials_dataframe()`` without system attrs, one line per trial: dict user attrs
+    flattened into columns, lists and YAML texts (the plan) as one-line JSON."""
     frame = study.trials_dataframe(attrs=CSV_ATTRS, multi_index=False)
     for column in [c for c in frame.columns if c.startswith("user_attrs_")]:
         values = frame[column]
@@ -89,9 +91,18 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
             flat.index = frame.index
             flat.columns = [f"{column}_{key}" for key in flat.columns]
             frame = pd.concat([frame.drop(columns=column), flat], axis=1)
-        elif values.map(lambda v: isinstance(v, list)).any():
-            frame[column] = values.map(lambda v: json.dumps(v) if isinstance(v, list) else v)
+        else:
+            frame[column] = values.map(_one_line)
     return frame
+
+
+def _one_line(value: Any) -> Any:
+    """A list, or a text of several lines (YAML), as one-line JSON; anything else as it is."""
+    if isinstance(value, list):
+        return json.dumps(value)
+    if isinstance(value, str) and "\n" in value:
+        return json.dumps(yaml.safe_load(value), separators=(",", ":"))
+    return value
 
 
 def counted_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -36,7 +36,7 @@ def run_plan(path: Path, iterations: int | None = None, data: str | None = None,
             bar.set_postfix(loss=f"{p.loss:.4g}", refresh=False)
 
         result = recon.reconstruct(plan, dataset=dataset, callback=progress)
-    target = result.save(out or Path(f"{path.stem}_result.h5"))
+    target = result.save(out or default_result_path(path))
     print(f"{result.iterations_done} iterations ({result.stop_reason}); compile {result.compile_s:.1f} s, "
           f"run {result.run_s:.1f} s; final data loss {result.final_data_loss:.6g}; saved {target}")
     if result.diverged:
@@ -46,6 +46,11 @@ def run_plan(path: Path, iterations: int | None = None, data: str | None = None,
         scores = {k: v for k, v in scorer.score(result).items() if isinstance(v, (int, float))}
         print(json.dumps({k: v if math.isfinite(v) else None for k, v in scores.items()}, indent=2))
     return 0
+
+
+def default_result_path(plan_path: Path) -> Path:
+    """Where `tune recon` saves a result without --out: out/<plan stem>_result.h5 beside the plan file."""
+    return plan_path.resolve().parent / "out" / f"{plan_path.stem}_result.h5"
 
 
 def _scorer(data_path: str, key: str, scoring: ScoringSpec, plan_path: Path) -> metrics.Scorer:

@@ -50,6 +50,11 @@ class StudyConfig:
         return self.output_dir / "artifacts"
 
     @property
+    def results_dir(self) -> Path:
+        """Where result files are kept (output.keep), one per trial: `trial_stem(number)`.h5."""
+        return self.output_dir / "trials"
+
+    @property
     def artifacts(self) -> tuple[str, ...]:
         chosen = self.spec.output.artifacts
         if chosen is not None:

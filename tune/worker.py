@@ -126,7 +126,7 @@ def _work(study: optuna.Study, objective: Objective, config: StudyConfig, report
         if not budget.is_surplus(trial):
             report(trial)
         if config.spec.output.keep == "best" and trial.state == TrialState.COMPLETE:
-            keep_best_results(study)
+            keep_best_results(study, config.results_dir)
         if budget.count(study.get_trials(deepcopy=False)).used >= config.budget:
             stop_optimize(study)
 
