@@ -48,7 +48,13 @@ class SubsetSpec(_Frozen):
 
 
 class SimulationSpec(_Frozen):
-    """A synthetic dataset with known ground truth, made by `recon.simulate`."""
+    """A synthetic dataset with known ground truth, made by `recon.simulate`.
+
+    The hard cases of real data: `aberrations` of the probe beyond defocus (Krivanek, Å and
+    degrees), a scan grid rotated by `scan_rotation_deg` relative to the detector (the file stores
+    the nominal, unrotated grid), partial spatial coherence from a Gaussian source of
+    `source_fwhm_A` (demagnified onto the specimen), and the dose of the noisy patterns.
+    """
 
     lattice: Literal["hexagonal", "square"] = "hexagonal"
     lattice_constant_A: float = Field(3.16, gt=0)
@@ -64,6 +70,12 @@ class SimulationSpec(_Frozen):
     slice_thickness_A: float = Field(2.0, gt=0)
     dose_e_per_A2: tuple[float, ...] = (1.0e5,)
     seed: int = 0
+    aberrations: Aberrations = Field(default_factory=lambda: Aberrations(),
+                                     description="probe aberrations besides defocus (C10 = -defocus_A)")
+    scan_rotation_deg: float = Field(0.0, description="true rotation of the scan grid (counter-clockwise, "
+                                     "about its centroid); the file holds the unrotated grid")
+    source_fwhm_A: float = Field(0.0, ge=0, description="FWHM of the Gaussian demagnified source (partial "
+                                 "spatial coherence): patterns are averaged over probe positions it spreads")
 
 
 class DataSpec(_Frozen):

@@ -15,12 +15,28 @@ cell, which is exact band-limited sampling (no aliasing, no supersampling needed
 
 Patterns come from the engine's forward model (`recon.forward.predict_patterns`, propagators
 band-limited to 2/3 of Nyquist) with the engine's probe (`recon.physics.probe_from_aberrations`,
-soft aperture edge 0.5 px) on the transmission exp(iσV). The transmission itself is not
+soft aperture edge 0.5 px, C10 = −defocus_A and any other Krivanek aberration of
+`spec.aberrations`) on the transmission exp(iσV). The transmission itself is not
 band-limited, exactly as in the engine: like the shared abTEM data (simulated on a much finer
 grid), the patterns then carry the object's frequencies up to the grid's Nyquist, which the
 ground truth holds too. Clean patterns are the
 fraction of the incident beam per pixel; noisy ones are Poisson counts with dose·step² incident
 electrons per pattern, dose i drawn from numpy default_rng([seed, i]).
+
+Hard cases of real data:
+* Scan rotation: the probe visits the grid rotated by `scan_rotation_deg` about its centroid
+  (counter-clockwise in the (y, x) frame, the engine's `scan.rotation_deg` convention), while the
+  file's `/scan/positions_yx_A` holds the nominal, unrotated grid (what the scan coils were told);
+  the true positions are in `/scan/true_positions_yx_A`.
+* Partial spatial coherence: a finite source, demagnified onto the specimen, is an incoherent
+  ensemble of probes displaced by the source's intensity distribution. The recorded pattern at
+  scan position r is then I(k; r) = ∫ S(d) I_coh(k; r + d) d²d: the coherent 4D dataset convolved
+  over the scan coordinates with the source (the standard model, equivalent to blurring the 4D
+  data in real space, not the patterns in k). For a Gaussian source of FWHM `source_fwhm_A` the
+  integral is a Gauss–Hermite quadrature over SOURCE_QUADRATURE_POINTS² probe positions per
+  pattern, so it does not depend on the scan step (blurring the measured grid would be aliased
+  when the step exceeds the source size); on a 0.05 Å scan it matches the blurred coherent data
+  (tests/test_simulate_hard.py).
 """
 from __future__ import annotations
 
@@ -30,8 +46,9 @@ from typing import Any
 
 import h5py
 import numpy as np
+from numpy.polynomial.hermite import hermgauss
 
-from .plan import PlanError, SimulationSpec
+from .plan import Aberrations, PlanError, SimulationSpec
 
 POTENTIAL_SCALE_VA2 = 37.1        # W(Z) = POTENTIAL_SCALE_VA2 · Z**POTENTIAL_Z_EXPONENT, in V·Å²
 POTENTIAL_Z_EXPONENT = 0.707
@@ -40,6 +57,8 @@ GAUSS_WIDTHS_A = (0.093, 0.277, 0.684)
 APERTURE_EDGE_PX = 0.5
 MARGIN_PX = 4                     # cell pixels beyond scan field ± half a window, on every side
 CELL_SEARCH_PX = 64               # cell sizes tried above the minimum, for the smallest strain
+SOURCE_QUADRATURE_POINTS = 7      # Gauss–Hermite nodes per axis averaging over the source
+FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 # Basis sites of the orthogonal cell, in fractions (y, x). Entry i of atom_Z occupies site i.
 # hexagonal: honeycomb (A, B) in a (a√3 × a) cell, two of each per cell;
@@ -57,7 +76,8 @@ class SimulatedData:
     spec: SimulationSpec
     dp: np.ndarray                   # float32 (sy, sx, N, N) clean, fraction of the beam, DC at [N/2, N/2]
     dp_noisy: dict[str, np.ndarray]  # "dose_1e+05" → float32 counts (sy, sx, N, N), DC-centred
-    positions_yx_A: np.ndarray       # float64 (n, 2), raster order, ground-truth frame
+    positions_yx_A: np.ndarray       # float64 (n, 2) nominal grid, raster order, ground-truth frame
+    true_positions_yx_A: np.ndarray  # float64 (n, 2) where the probe was: the grid rotated by scan_rotation_deg
     y_A: np.ndarray                  # float64 (sy,) scan axes
     x_A: np.ndarray                  # float64 (sx,)
     V_slices: np.ndarray             # float32 (S, M, M) projected potential per slice, V·Å
@@ -156,10 +176,41 @@ def scan_grid(scan_shape: tuple[int, int], step_A: float, side_A: float) -> tupl
     return y, x
 
 
-def min_cell_px(scan_shape: tuple[int, int], step_A: float, n_px: int, dx_A: float) -> int:
-    """Smallest cell with more than half a window (plus MARGIN_PX) beyond the scan on every side."""
-    reach = max(max(n // 2, n - 1 - n // 2) for n in scan_shape) * step_A
-    return int(np.ceil(2 * (reach / dx_A + n_px / 2 + MARGIN_PX)))
+def grid_positions(y_A: np.ndarray, x_A: np.ndarray) -> np.ndarray:
+    """Positions (ny·nx, 2) (y, x) of the grid of axes y_A × x_A, raster order (x fastest)."""
+    return np.stack(np.meshgrid(y_A, x_A, indexing="ij"), axis=-1).reshape(-1, 2)
+
+
+def rotate_about_centroid(positions_yx_A: np.ndarray, rotation_deg: float) -> np.ndarray:
+    """Positions (n, 2) rotated counter-clockwise in the (y, x) frame about their centroid,
+    as the engine applies `scan.rotation_deg`: (y, x) → (y cos θ − x sin θ, y sin θ + x cos θ)."""
+    c = positions_yx_A.mean(axis=0)
+    t = np.deg2rad(rotation_deg)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    return c + (positions_yx_A - c) @ rot.T
+
+
+def source_offsets(fwhm_A: float, points: int = SOURCE_QUADRATURE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """Probe displacements (q, 2) in Å and weights (q,) summing to 1 that average over a round
+    Gaussian source of FWHM `fwhm_A` (product Gauss–Hermite rule); one zero offset for a point source."""
+    if fwhm_A <= 0:
+        return np.zeros((1, 2)), np.ones(1)
+    nodes, weights = hermgauss(points)
+    d = np.sqrt(2.0) * fwhm_A / FWHM_PER_SIGMA * nodes
+    w = weights / weights.sum()
+    dy, dx = np.meshgrid(d, d, indexing="ij")
+    return np.stack([dy.ravel(), dx.ravel()], axis=1), np.outer(w, w).ravel()
+
+
+def aberration_values(aberrations: Aberrations) -> dict[str, float]:
+    """{"C12": Å, "phi12": degrees, ...}: the keys `physics.probe_from_aberrations` reads."""
+    return {k.removesuffix("_A").removesuffix("_deg"): float(v) for k, v in aberrations.model_dump().items()}
+
+
+def min_cell_px(reach_A: float, n_px: int, dx_A: float) -> int:
+    """Smallest cell with more than half a window (plus MARGIN_PX) beyond every probe position
+    on every side; `reach_A` is the largest |y| or |x| of a position from the cell centre."""
+    return int(np.ceil(2 * (reach_A / dx_A + n_px / 2 + MARGIN_PX)))
 
 
 def dose_name(dose: float) -> str:
@@ -180,7 +231,11 @@ def simulate(spec: SimulationSpec) -> SimulatedData:
     n = spec.pattern_px
     dx = 1.0 / (n * spec.dk_invA)
     cell, sites = unit_cell(spec.lattice, spec.lattice_constant_A, len(spec.atom_Z))
-    m = commensurate_cell_px(cell, dx, min_cell_px(spec.scan_shape, spec.scan_step_A, n, dx))
+    jitter, weights = source_offsets(spec.source_fwhm_A)
+    centred = rotate_about_centroid(grid_positions(*scan_grid(spec.scan_shape, spec.scan_step_A, 0.0)),
+                                    spec.scan_rotation_deg)
+    reach = float((np.abs(centred).max(axis=0) + np.abs(jitter).max(axis=0)).max())
+    m = commensurate_cell_px(cell, dx, min_cell_px(reach, n, dx))
     side = m * dx
     columns = atom_columns(cell, sites, side, np.array([side / 2, side / 2]))
     layer = projected_potential(columns, spec.atom_Z, m, dx)
@@ -189,11 +244,14 @@ def simulate(spec: SimulationSpec) -> SimulatedData:
 
     transmission = np.repeat(np.exp(1j * sigma * layer)[None].astype(np.complex64), spec.slices, axis=0)
     probe = np.asarray(probe_from_aberrations(n, spec.dk_invA, spec.energy_eV, spec.semiangle_mrad,
-                                              spec.defocus_A, aperture_edge_px=APERTURE_EDGE_PX))
+                                              spec.defocus_A, aberration_values(spec.aberrations),
+                                              aperture_edge_px=APERTURE_EDGE_PX))
     y_A, x_A = scan_grid(spec.scan_shape, spec.scan_step_A, side)
-    positions = np.stack(np.meshgrid(y_A, x_A, indexing="ij"), axis=-1).reshape(-1, 2)
-    clean = predict_patterns(transmission, probe[None], positions, np.zeros(2), dx, spec.energy_eV,
-                             spec.slice_thickness_A)
+    positions = grid_positions(y_A, x_A)
+    true_positions = rotate_about_centroid(positions, spec.scan_rotation_deg)
+    clean = sum(w * predict_patterns(transmission, probe[None], true_positions + d, np.zeros(2), dx,
+                                     spec.energy_eV, spec.slice_thickness_A)
+                for d, w in zip(jitter, weights))
     dp = np.fft.fftshift(clean, axes=(-2, -1)).reshape(*spec.scan_shape, n, n).astype(np.float32)
     incident = [d * spec.scan_step_A**2 for d in spec.dose_e_per_A2]
     noisy = {name: np.random.default_rng([spec.seed, i]).poisson(dp.astype(np.float64) * e).astype(np.float32)
@@ -203,8 +261,8 @@ def simulate(spec: SimulationSpec) -> SimulatedData:
     limits = np.stack([z0, z0 + spec.slice_thickness_A], axis=1)
     atoms_xyz, atoms_Z = _atom_table(columns, spec.atom_Z, z0 + spec.slice_thickness_A / 2)
     attrs = _root_attrs(spec, dx, m, side, sigma, float(wavelength_A(spec.energy_eV)), cell, y_A, x_A)
-    return SimulatedData(spec, dp, noisy, positions, y_A, x_A, V_slices, limits, probe.astype(np.complex64),
-                         atoms_xyz, atoms_Z, attrs)
+    return SimulatedData(spec, dp, noisy, positions, true_positions, y_A, x_A, V_slices, limits,
+                         probe.astype(np.complex64), atoms_xyz, atoms_Z, attrs)
 
 
 def _check_doses(doses: tuple[float, ...]) -> list[str]:
@@ -260,7 +318,10 @@ def _root_attrs(spec: SimulationSpec, dx: float, m: int, side: float, sigma: flo
         "scan_shape_yx": np.array(spec.scan_shape),
         "scan_step_A": float(spec.scan_step_A),
         "scan_origin_yx_A": np.array([y_A[0], x_A[0]]),
-        "scan_rotation_deg": 0.0,
+        "scan_rotation_deg": float(spec.scan_rotation_deg),
+        "source_fwhm_A": float(spec.source_fwhm_A),
+        "source_quadrature_points": SOURCE_QUADRATURE_POINTS if spec.source_fwhm_A > 0 else 1,
+        **{k: float(v) for k, v in spec.aberrations.model_dump().items()},
         "doses_e_per_A2": np.array(spec.dose_e_per_A2, dtype=np.float64),
         "noise_seed": spec.seed,
         "gt_pixels": m,
@@ -291,7 +352,9 @@ def write_dataset(spec_or_data: SimulationSpec | SimulatedData, path: str | Path
                 {"dose_e_per_A2": dose, "incident_e_per_pattern": dose * step**2, "seed": data.spec.seed,
                  "rng": f"numpy default_rng([seed, {i}])", "units": "electron counts (Poisson draw of dp * dose * step^2)"})
         scan = f.create_group("scan")
-        scan.create_dataset("positions_yx_A", data=data.positions_yx_A)
+        scan.create_dataset("positions_yx_A", data=data.positions_yx_A).attrs["meaning"] = (
+            "nominal grid; the probe visited true_positions_yx_A (rotated by scan_rotation_deg)")
+        scan.create_dataset("true_positions_yx_A", data=data.true_positions_yx_A)
         scan.create_dataset("positions_yx_px", data=data.positions_yx_A / data.dx_A)
         scan.create_dataset("y_A", data=data.y_A)
         scan.create_dataset("x_A", data=data.x_A)

@@ -1,7 +1,8 @@
 """The study-wide trial budget (`study.n_trials`), shared by all workers.
 
 A trial *uses* the budget when it is COMPLETE, PRUNED, RUNNING or WAITING, or FAIL and neither
-re-queued nor surplus. A re-queued trial (its worker died or was stopped) is replaced by a
+re-queued nor surplus. Refined trials (`study.refine`, `tune.refine`) are counted apart: they run
+after the budget of short trials is used and never use it. A re-queued trial (its worker died or was stopped) is replaced by a
 WAITING copy with the same parameters, so it does not count twice.
 
 Several workers can create trials at the same moment. So each worker, once its trial exists,
@@ -19,7 +20,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from tune.record import TrialRecord
+from tune.record import TrialRecord, is_refined
 
 
 def requeued_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
@@ -45,6 +46,9 @@ class Counts:
     waiting: int = 0
     requeued: int = 0
     surplus: int = 0
+    refined: int = 0        # refined trials finished (complete, pruned or failed)
+    refining: int = 0       # refined trials running
+    refine_queued: int = 0  # refined trials waiting to run
 
     @property
     def finished(self) -> int:
@@ -59,7 +63,8 @@ class Counts:
 def count(trials: Sequence[FrozenTrial], below: int | None = None) -> Counts:
     """Count trials (only those numbered below `below`, if given)."""
     requeued = requeued_numbers(trials)
-    n = dict(complete=0, pruned=0, failed=0, running=0, waiting=0, requeued=0, surplus=0)
+    n = dict(complete=0, pruned=0, failed=0, running=0, waiting=0, requeued=0, surplus=0, refined=0, refining=0,
+             refine_queued=0)
     for t in trials:
         if below is not None and t.number >= below:
             continue
@@ -67,6 +72,8 @@ def count(trials: Sequence[FrozenTrial], below: int | None = None) -> Counts:
             n["surplus"] += 1
         elif t.state == TrialState.FAIL and t.number in requeued:
             n["requeued"] += 1
+        elif is_refined(t):
+            n["refined" if t.state.is_finished() else "refining" if t.state == TrialState.RUNNING else "refine_queued"] += 1
         else:
             key = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
                    TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}[t.state]

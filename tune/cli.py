@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="comma-separated GPU ids, one worker each; repeat an id to run several workers on "
                               "one GPU (e.g. 0,0,1,1)")
     c.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    c.add_argument("--no-final", action="store_true",
+                   help="do not write best.yml and the chosen plan's full reconstruction at the end")
     c.add_argument("--check", action="store_true", help="only check the study file and its data (nothing is "
                    "written; a simulated dataset is not made)")
 
@@ -162,7 +164,8 @@ def _start(args: argparse.Namespace) -> int:
         preflight(config)
         print(f"{args.study}: ok (study {config.name}, {config.budget} trials, storage {config.storage_url})")
         return 0
-    return start(config, worker_slots(args.devices, args.workers), report=not args.no_report).status
+    return start(config, worker_slots(args.devices, args.workers), report=not args.no_report,
+                 final=not args.no_final).status
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from optuna.trial import FrozenTrial, TrialState
 from recon.plan import PlanError
 from tune.ranking import best_trials
 from tune.record import TrialRecord
+from tune.refine import describe_parent
 from tune.schema import ScoringSpec
 from tune.study import StudyConfig
 
@@ -31,10 +32,11 @@ def best_plan_text(study: optuna.Study, config: StudyConfig, number: int | None 
     record = TrialRecord.read(trial)
     assert record.plan is not None
     values = ", ".join(f"{m} {v:.6g}" for m, v in zip(config.spec.objective.metrics, trial.values or ()))
-    summary = f"trial {trial.number} ({trial.state.name.lower()}{': ' + values if values else ''})"
+    parent = describe_parent(study, trial)
+    summary = f"trial {trial.number} ({trial.state.name.lower()}{': ' + values if values else ''}){parent}"
     command = f"tune recon {plan_name} --score" + score_options(config.spec.objective.scoring)
     header = (f"# Trial {trial.number} of study {config.name} ({config.file.name}): "
-              f"{values or trial.state.name.lower()}\n"
+              f"{values or trial.state.name.lower()}{parent}\n"
               f"# Reproduce: {command}\n")
     if trial.state != TrialState.COMPLETE:
         header += f"# Note: this trial did not complete ({record.fail_reason or trial.state.name})\n"

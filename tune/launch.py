@@ -30,6 +30,7 @@ import optuna
 import metrics
 from tune import budget
 from tune.integrity import check_fingerprint, load_checked_data
+from tune.final import final_section, write_final
 from tune.notices import silence_deliberate_notices
 from tune.progress import TrialProgress, progress_line
 from tune.report import write_report
@@ -69,13 +70,14 @@ class StudyRun:
 
 
 def run_study(study: str | Path | StudyConfig, *, workers: int | None = None, devices: Sequence[str] | None = None,
-              storage: str | None = None, report: bool = True) -> StudyRun:
+              storage: str | None = None, report: bool = True, final: bool = True) -> StudyRun:
     """Run a study to its budget from Python, as `tune start` does: `study` is a study file (or a
     loaded `StudyConfig`); `workers` / `devices` as `--workers` / `--devices`; `storage` replaces
-    study.storage."""
+    study.storage; `final=False` as `--no-final`."""
     silence_deliberate_notices()
     config = study if isinstance(study, StudyConfig) else load_study(study, storage)
-    return start(config, worker_slots(list(devices) if devices is not None else None, workers), report=report)
+    return start(config, worker_slots(list(devices) if devices is not None else None, workers), report=report,
+                 final=final)
 
 
 def worker_slots(devices: list[str] | None, workers: int | None) -> list[WorkerSlot]:
@@ -87,8 +89,10 @@ def worker_slots(devices: list[str] | None, workers: int | None) -> list[WorkerS
     return [WorkerSlot(i, d, d is not None and per_device[d] > 1) for i, d in enumerate(assigned)]
 
 
-def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True) -> StudyRun:
-    """Run the study to its budget: spawn the workers, show progress until they exit, write the report."""
+def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True, final: bool = True) -> StudyRun:
+    """Run the study to its budget (and its refinement): spawn the workers, show progress until they
+    exit, write the chosen plan and its full reconstruction (`tune.final`, unless `final` is False)
+    and the report."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _simulate_on_cpu(config)
     preflight(config)
@@ -113,7 +117,11 @@ def start(config: StudyConfig, slots: list[WorkerSlot], report: bool = True) -> 
         if code != 0:
             print(f"warning: worker {slot.index} exited with status {code}; see {logs / f'worker-{slot.index}.log'}",
                   file=sys.stderr)
-    html = write_study_report(config) if report else None
+    if final:
+        chosen = write_final(study, config, config.output_dir / "report")
+        if chosen is not None:
+            print(f"best plan: {chosen.plan_path} ({chosen.caption})", flush=True)
+    html = write_study_report(config, with_final=final) if report else None
     if html is not None:
         print(f"report: {html}", flush=True)
     return StudyRun(0 if _finished(study, config) or all(c == 0 for c in codes) else 1, study, html)
@@ -197,12 +205,15 @@ def _finished(study: optuna.Study, config: StudyConfig) -> bool:
     return budget.count(study.get_trials(deepcopy=False)).finished >= config.budget
 
 
-def write_study_report(config: StudyConfig, out_dir: Path | None = None) -> Path:
+def write_study_report(config: StudyConfig, out_dir: Path | None = None, with_final: bool = True) -> Path:
     """Write the CSV and HTML report of the study (tune.report); returns the HTML file. The best
-    reconstructions are scored as the trials were: the study's ground-truth key and scoring options."""
+    reconstructions are scored as the trials were: the study's ground-truth key and scoring options.
+    `with_final`: show the final reconstruction the last `tune start` wrote into the folder."""
     key = config.spec.data.ground_truth
-    paths = write_report(config.storage_url, config.name, out_dir or config.output_dir / "report",
+    folder = out_dir or config.output_dir / "report"
+    paths = write_report(config.storage_url, config.name, folder,
                          ground_truth=None if key is None else config.data_path,
                          ground_truth_key=key or metrics.GROUND_TRUTH_KEY,
-                         artifact_dir=config.artifact_dir, score_options=config.spec.objective.scoring.model_dump())
+                         artifact_dir=config.artifact_dir, score_options=config.spec.objective.scoring.model_dump(),
+                         final=final_section(folder) if with_final else None)
     return paths.html

@@ -5,6 +5,11 @@ Artifacts (`<output.dir>/artifacts`, named by artifact id; the file name the das
 `trial_00007_<kind>.<ext>`): every trial that ran has `curves_csv` (loss, data loss, ... per
 iteration); a pruned trial has `phase_png` of its object when it was pruned; a complete one has the
 kinds of `output.artifacts`.
+
+With a half-set objective metric (`halfset_frc_resolution_A`, `halfset_frc_area`) the trial's plan is
+also reconstructed on the two halves of the scan (`recon.halfset`) and compared (`metrics.halfset`).
+A refined trial (`tune.refine`) runs its parent's settings for `study.refine.iterations` and is never
+pruned.
 """
 from __future__ import annotations
 
@@ -25,10 +30,13 @@ from optuna.artifacts import upload_artifact
 import metrics
 import recon
 from metrics.figure import save_phase_figure, save_score_figure
+from metrics.halfset import compare_halves
+from recon.halfset import reconstruct_halves
 from tune import budget
 from tune.ranking import best_trials
 from tune.record import TrialRecord, write
-from tune.schema import GROUND_TRUTH_METRICS, score_key
+from tune.refine import is_duplicate
+from tune.schema import GROUND_TRUTH_METRICS, HALFSET_METRICS, score_key
 from tune.space import suggest, trial_plan
 from tune.storage import AtomicArtifactStore, StorageUnreachable
 from tune.study import StudyConfig
@@ -73,13 +81,15 @@ class Objective:
         return self.guard(trial, lambda: self.finish(trial, *self.run(trial, plan)))
 
     def start(self, trial: optuna.Trial) -> recon.Plan:
-        """Suggest the trial's settings and build its plan; a trial past the budget fails as surplus."""
+        """Suggest the trial's settings and build its plan; a trial past the budget (or a second
+        refinement of one parent) fails as surplus."""
         values = suggest(trial, self.config.params)
         self._record_worker(trial)
-        if self._budget_used_before(trial):
+        surplus = self._surplus(trial)
+        if surplus:
             write(trial, TrialRecord(surplus=True))
             stop_optimize(trial.study)
-            raise TrialFailed(f"surplus: trials before #{trial.number} already use the budget of {self.budget_size}")
+            raise TrialFailed(f"surplus: {surplus}")
         return self.guard(trial, lambda: self._plan(trial, values))
 
     def guard(self, trial: optuna.Trial, step: Callable[[], Any]) -> Any:
@@ -97,8 +107,8 @@ class Objective:
 
     def reporter(self, trial: optuna.Trial) -> Reporter:
         """The reconstruction callback of a trial: intermediate values and pruning."""
-        return Reporter(trial, self._intermediate(), self.config.spec.objective.report_every,
-                        prune=self.config.pruner.name != "none")
+        prune = self.config.pruner.name != "none" and TrialRecord.read(trial).refine_of is None
+        return Reporter(trial, self._intermediate(), self.config.spec.objective.report_every, prune=prune)
 
     def run(self, trial: optuna.Trial, plan: recon.Plan) -> tuple[recon.Result, Reporter, int]:
         """Reconstruct one plan alone; returns the result, its reporter and the programs compiled."""
@@ -135,12 +145,23 @@ class Objective:
         if earlier.fail_reason is not None or earlier.pruned_at is not None:
             write(trial, TrialRecord(fail_reason=None, pruned_at=None))
 
-    def _budget_used_before(self, trial: optuna.Trial) -> bool:
+    def _surplus(self, trial: optuna.Trial) -> str | None:
+        """Why the trial must not run: the short trials before it use the budget, or it refines a
+        parent that already has a refined trial (None: it runs)."""
+        parent = TrialRecord.read(trial).refine_of
+        if parent is not None:
+            return f"trial {parent} already has a refined trial" if is_duplicate(trial) else None
         earlier = budget.count(trial.study.get_trials(deepcopy=False), below=trial.number)
-        return earlier.used >= self.budget_size
+        if earlier.used >= self.budget_size:
+            return f"trials before #{trial.number} already use the budget of {self.budget_size}"
+        return None
 
     def _plan(self, trial: optuna.Trial, values: dict[str, Any]) -> recon.Plan:
-        """The base plan with the suggested values, validated, recorded with its seed."""
+        """The base plan with the suggested values (a refined trial: and the refinement's
+        iterations), validated, recorded with its seed."""
+        refine = self.config.spec.study.refine
+        if TrialRecord.read(trial).refine_of is not None and refine is not None:
+            values = {**values, "iterations": refine.iterations}
         plan = trial_plan(self.config.base_plan, values, source=f"trial {trial.number}")
         write(trial, TrialRecord(plan=plan.to_yaml(), seed=plan.seed))
         return plan
@@ -155,7 +176,8 @@ class Objective:
         raise optuna.TrialPruned(f"pruned at iteration {pruned.iteration}")
 
     def _score(self, trial: optuna.Trial, result: recon.Result) -> tuple[dict[str, float], metrics.ScoreReport | None]:
-        """Every score of a result (and the metrics ScoreReport, None without a ground truth), recorded."""
+        """Every score of a result (and the metrics ScoreReport, None without a ground truth), recorded;
+        the half-set scores of its plan when an objective metric needs them."""
         start = time.perf_counter()
         scorer = self.scorer
         report = scorer.report(result) if scorer is not None else None
@@ -163,6 +185,8 @@ class Objective:
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         scores.update(heldout_loss=_float(result.heldout_loss), data_loss=_float(result.final_data_loss),
                       runtime_s=float(result.run_s))
+        if HALFSET_METRICS.intersection(self.config.spec.objective.metrics):
+            scores.update(self._halfset_scores(result.plan))
         write(trial, TrialRecord(score_s=time.perf_counter() - start, metrics=scores))
         return scores, report
 
@@ -174,6 +198,14 @@ class Objective:
         if bad:
             raise _fail(trial, f"objective {', '.join(bad)} is not a finite number")
         return values[0] if len(values) == 1 else values
+
+    def _halfset_scores(self, plan: recon.Plan) -> dict[str, float]:
+        """The half-set FRC scores of the plan (`halfset_s`: seconds for both halves and the comparison)."""
+        start = time.perf_counter()
+        half_a, half_b = reconstruct_halves(plan, self.dataset(plan.data))
+        if half_a.diverged or half_b.diverged:
+            return dict.fromkeys(HALFSET_METRICS, math.nan)
+        return {**compare_halves(half_a, half_b).scores(), "halfset_s": time.perf_counter() - start}
 
     # ------------------------------------------------------------------ data and scoring
     def preload(self, dataset: recon.Dataset) -> None:

@@ -16,13 +16,23 @@ from tqdm import tqdm
 from tune import budget
 from tune.ranking import best_trials
 from tune.record import TrialRecord
+from tune.refine import describe_parent
 from tune.study import StudyConfig
 
 
 def progress_line(study: optuna.Study, config: StudyConfig) -> str:
     """One line: trials finished of the budget, by outcome, and the best so far."""
     c = budget.count(study.get_trials(deepcopy=False))
-    return f"{c.finished}/{config.budget} trials: {outcome_text(c)} | {best_text(study, config)}"
+    refined = refine_text(c, config)
+    return f"{c.finished}/{config.budget} trials: {outcome_text(c)}{refined} | {best_text(study, config)}"
+
+
+def refine_text(c: budget.Counts, config: StudyConfig) -> str:
+    """`; refined 2/3 at 100 iterations` once the refinement (`study.refine`) has begun, else empty."""
+    refine = config.spec.study.refine
+    if refine is None or not (c.refined or c.refining or c.refine_queued):
+        return ""
+    return f"; refined {c.refined}/{refine.top_k} at {refine.iterations} iterations"
 
 
 def outcome_text(c: budget.Counts) -> str:
@@ -87,7 +97,7 @@ def best_text(study: optuna.Study, config: StudyConfig) -> str:
     if not best:
         return "no complete trial yet"
     if len(metrics) == 1:
-        return f"best {metrics[0]} {best[0].value:.4g} (trial {best[0].number})"
+        return f"best {metrics[0]} {best[0].value:.4g} (trial {best[0].number}){describe_parent(study, best[0])}"
     return f"{len(best)} trials on the Pareto front of {' vs '.join(metrics)}"
 
 
@@ -100,11 +110,15 @@ def status_report(study: optuna.Study, config: StudyConfig) -> str:
         f"budget   {c.finished} of {config.budget} trials finished: {c.complete} complete, {c.pruned} pruned, "
         f"{c.failed} failed; {c.running} running, {c.waiting} queued",
     ]
+    refine = config.spec.study.refine
+    if refine is not None:
+        lines.append(f"refine   {c.refined} of the {refine.top_k} best short trials re-run at {refine.iterations} "
+                     f"iterations; {c.refining} running, {c.refine_queued} queued")
     if c.requeued or c.surplus:
         lines.append(f"         not counted: {c.requeued} re-queued after their worker stopped, {c.surplus} surplus")
     for t in best_trials(study)[:5]:
         values = ", ".join(f"{m} {v:.4g}" for m, v in zip(config.spec.objective.metrics, t.values))
-        lines.append(f"best     trial {t.number}: {values}{batch_text(TrialRecord.read(t))}")
+        lines.append(f"best     trial {t.number}: {values}{describe_parent(study, t)}{batch_text(TrialRecord.read(t))}")
         lines.extend(f"           {name} = {value!r}" for name, value in t.params.items())
     failures = Counter((TrialRecord.read(t).fail_reason or "?").split(":")[0] for t in trials
                        if t.state == TrialState.FAIL and not budget.is_surplus(t))

@@ -47,12 +47,19 @@ class TrialRecord(BaseModel):
     fail_reason: str | None = None
     pruned_at: int | None = Field(None, description="the iteration at which it was pruned")
     surplus: bool = Field(False, description="created after the budget was used: failed, never run")
+    # refinement (study.refine)
+    refine_of: int | None = Field(None, description="a refined trial: the number of the short trial it re-runs")
 
     @classmethod
     def read(cls, trial: FrozenTrial | optuna.Trial) -> TrialRecord:
         """The record of a stored trial (attributes it never set take their defaults)."""
         attrs = trial.user_attrs
         return cls.model_construct(**{name: attrs[name] for name in cls.model_fields if name in attrs})
+
+
+def is_refined(trial: FrozenTrial | optuna.Trial) -> bool:
+    """A refined trial: a short trial re-run longer (`study.refine`)."""
+    return TrialRecord.read(trial).refine_of is not None
 
 
 def write(trial: optuna.Trial, record: TrialRecord) -> None:

@@ -59,6 +59,7 @@ def write_report(
     artifact_dir: Path | None = None,
     score_options: Mapping[str, Any] | None = None,
     ground_truth_key: str = metrics.GROUND_TRUTH_KEY,
+    final: tuple[str, bytes] | None = None,
 ) -> ReportPaths:
     """Write ``out_dir/trials.csv`` and ``out_dir/report.html`` for one study.
 
@@ -66,13 +67,14 @@ def write_report(
     ``ground_truth``: dataset HDF5 to compare the best ``top_k`` reconstructions with, the true phase
     at ``ground_truth_key`` in it. ``artifact_dir``: the study's artifact store, for result files and
     images kept only there. ``score_options``: `metrics.build_scorer` options (the study's scoring).
+    ``final``: caption and PNG of the chosen plan's full reconstruction (`tune.final`), shown first.
     """
     study = snapshot_study(storage, study_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = ReportPaths(csv=out_dir / "trials.csv", html=out_dir / "report.html")
     trials_table(study).to_csv(paths.csv, index=False)
     inputs = ReconInputs(ground_truth, ground_truth_key, top_k, artifact_dir, out_dir, dict(score_options or {}))
-    paths.html.write_text(render_report(study, inputs), encoding="utf-8")
+    paths.html.write_text(render_report(study, inputs, final=final), encoding="utf-8")
     return paths
 
 
@@ -148,12 +150,20 @@ def reconstructions_html(trials: Sequence[FrozenTrial], inputs: ReconInputs) -> 
     return intro + ("\n".join(items) if items else note_html("No complete trial to show."))
 
 
-def render_report(study: optuna.Study, inputs: ReconInputs, now: datetime | None = None) -> str:
-    """The whole HTML page of a study snapshot."""
+def final_html(caption: str, png: bytes) -> str:
+    """The chosen plan's full reconstruction: phase, probe amplitude and phase, FRC curves."""
+    return f"<figure><figcaption>{html.escape(caption)}</figcaption>{png_html(png, 'final reconstruction')}</figure>"
+
+
+def render_report(study: optuna.Study, inputs: ReconInputs, now: datetime | None = None,
+                  final: tuple[str, bytes] | None = None) -> str:
+    """The whole HTML page of a study snapshot (``final``: caption and PNG of the final reconstruction)."""
     now = now or datetime.now()
     trials = counted_trials(study)
     surplus = len(study.trials) - len(trials)
     sections = [section_html("summary", "Summary", summary_html(study, trials, surplus, inputs.top_k))]
+    if final is not None:
+        sections.append(section_html("final", "Final reconstruction (best.yml)", final_html(*final)))
     timeline = figures.timeline_figure(trials, now)
     timeline_body = figure_html(timeline) if timeline else note_html("No trial has started.")
     if not complete_trials(study):

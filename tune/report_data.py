@@ -25,6 +25,7 @@ from tune import budget
 from tune.ranking import ranked_trials
 from tune.readonly import close_storage, open_for_reading
 from tune.record import TrialRecord
+from tune.refine import parent_values
 
 #: Trial states in the order the report lists them, with their colours.
 STATE_COLOURS = {
@@ -144,11 +145,16 @@ def state_counts(trials: Sequence[FrozenTrial]) -> pd.DataFrame:
 
 
 def best_table(study: optuna.Study, top_k: int) -> pd.DataFrame:
-    """Values and parameters of the best trials (`tune.ranking.ranked_trials`)."""
+    """Values and parameters of the best trials (`tune.ranking.ranked_trials`); a refined trial
+    also names its parent and the parent's short values."""
     rows = []
     for t in ranked_trials(study, top_k):
         row: dict[str, Any] = {"trial": t.number}
         row.update({m.name: m.value(t) for m in study_metrics(study)})
+        parent, short = TrialRecord.read(t).refine_of, parent_values(study, t)
+        if parent is not None:
+            row["refined from trial"] = parent
+            row.update({f"{m.name}, short": v for m, v in zip(study_metrics(study), short or ())})
         row.update(t.params)
         rows.append(row)
     return pd.DataFrame(rows)

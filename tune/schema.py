@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from recon.plan import DataSpec
 
-Metric = Literal["nrmse", "mse", "frc_resolution_A", "frc_area", "ssim", "heldout_loss", "data_loss", "runtime_s"]
+Metric = Literal["nrmse", "mse", "frc_resolution_A", "frc_area", "ssim", "heldout_loss", "data_loss", "runtime_s",
+                 "halfset_frc_resolution_A", "halfset_frc_area"]
 Direction = Literal["minimize", "maximize"]
 Scalar = bool | int | float | str | None
 
@@ -18,9 +19,12 @@ Scalar = bool | int | float | str | None
 DEFAULT_DIRECTIONS: dict[str, Direction] = {
     "nrmse": "minimize", "mse": "minimize", "frc_resolution_A": "minimize", "frc_area": "maximize",
     "ssim": "maximize", "heldout_loss": "minimize", "data_loss": "minimize", "runtime_s": "minimize",
+    "halfset_frc_resolution_A": "minimize", "halfset_frc_area": "maximize",
 }
 #: Metrics that need a ground-truth phase.
 GROUND_TRUTH_METRICS = frozenset({"nrmse", "mse", "frc_resolution_A", "frc_area", "ssim"})
+#: Metrics of the two half-set reconstructions (`recon.halfset`, `metrics.halfset`): no ground truth needed.
+HALFSET_METRICS = frozenset({"halfset_frc_resolution_A", "halfset_frc_area"})
 #: Objective metrics that metrics.Scorer reports under another name.
 SCORE_KEYS: dict[str, str] = {"frc_resolution_A": "frc_resolution_half_bit_A"}
 
@@ -51,6 +55,13 @@ class PrunerSpec(_Frozen):
     wrapped: PrunerSpec | None = Field(None, description="patient only: the pruner it wraps")
 
 
+class RefineSpec(_Frozen):
+    """Re-run the `top_k` best short trials at `iterations` once the short trials have used the budget."""
+
+    top_k: int = Field(ge=1, description="how many of the best short trials are refined")
+    iterations: int = Field(ge=1, description="iterations of each refined trial (the long reconstruction)")
+
+
 class StudySection(_Frozen):
     """Name, storage, budget and fault tolerance of the study."""
 
@@ -63,6 +74,8 @@ class StudySection(_Frozen):
     heartbeat_interval_s: int = Field(10, ge=1, description="seconds between a running trial's heartbeats")
     grace_period_s: int | None = Field(None, ge=1, description="silence after which a trial counts as dead; default 3 heartbeats")
     max_retries: int = Field(3, ge=0, description="re-runs of a trial whose worker died or was stopped")
+    refine: RefineSpec | None = Field(None, description="re-run the best short trials longer; the best is chosen "
+                                      "among them (tune.refine)")
     storage_timeout_s: float = Field(120.0, gt=0, description="a worker that cannot reach the storage this long exits")
     trials_per_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="trials per compiled program on a worker's device; auto: as many as fit in a GPU's "

@@ -21,7 +21,8 @@ from pydantic import ValidationError
 
 from recon.detectors import detect_format
 from recon.plan import Plan, PlanError, describe_validation_error, load_yaml
-from tune.schema import DEFAULT_DIRECTIONS, GROUND_TRUTH_METRICS, Direction, PrunerSpec, StudyData, StudyFile
+from tune.schema import (DEFAULT_DIRECTIONS, GROUND_TRUTH_METRICS, HALFSET_METRICS, Direction, PrunerSpec, StudyData,
+                         StudyFile)
 from tune.space import SearchParam, grid, resolve_search
 from tune.strategy import check_strategy
 
@@ -119,8 +120,8 @@ def _check_objective(spec: StudyFile, base_plan: Plan, source: str) -> PrunerSpe
             raise PlanError(f"{source}: study.pruner: pruning needs a single objective metric "
                             f"(got {len(metrics)}); allowed here: {{name: none}}")
         return PrunerSpec(name="none")
-    if pruner is None:
-        pruner = PrunerSpec(name="median")
+    if pruner is None:  # half-set trials could only be pruned on their data loss, another criterion
+        pruner = PrunerSpec(name="none" if metrics[0] in HALFSET_METRICS else "median")
     if pruner.name != "none" and metrics[0] == "runtime_s":
         raise PlanError(f"{source}: study.pruner: runtime_s has no intermediate values to prune on; use {{name: none}}")
     return pruner

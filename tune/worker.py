@@ -8,6 +8,7 @@ spawns them; `tune worker` joins by hand or from a Slurm job). A worker
   that is failed after the grace period and re-queued with the same parameters;
 * stops asking for trials when the budget is used, but before it exits waits until no trial is
   RUNNING any more, failing stale ones (`fail_stale_trials`) and running their re-queued copies;
+* then, with `study.refine`, queues the best short trials again (`tune.refine`) and runs them, alone;
 * on SIGTERM or Ctrl-C fails its running trial, re-queues it for another worker and exits
   (exit status 143 or 130);
 * retries storage calls through outages (tune.storage) and exits with one line and status 75 when
@@ -32,6 +33,7 @@ from tune.batch import ask_batch, fail_unfinished, resolve_trials_per_batch, run
 from tune.integrity import check_fingerprint, load_checked_data, storage_failure
 from tune.objective import Objective, TrialFailed, WorkerInfo, keep_best_results, stop_optimize
 from tune.record import TrialRecord
+from tune.refine import queue_refinements
 from tune.storage import STORAGE_EXIT_STATUS, create_or_load, open_study_storage
 from tune.strategy import build_pruner, build_sampler
 from tune.study import StudyConfig, check_data
@@ -128,22 +130,23 @@ def _work(study: optuna.Study, objective: Objective, config: StudyConfig, report
         if budget.count(study.get_trials(deepcopy=False)).used >= config.budget:
             stop_optimize(study)
 
+    refine = config.spec.study.refine
     while time.monotonic() < deadline:
         fail_stale_trials(study)
         counts = budget.count(study.get_trials(deepcopy=False))
         if (counts.used < config.budget or counts.waiting) and trials_per_batch > 1:
             pending = ask_batch(study, objective, trials_per_batch, config.budget, lambda t: after_trial(study, t))
             run_batch(study, objective, pending, storage, lambda t: after_trial(study, t))
-        elif counts.used < config.budget or counts.waiting:
+        elif counts.used < config.budget or counts.waiting or counts.refine_queued:
             try:
                 study.optimize(objective, callbacks=[after_trial], catch=(TrialFailed,), gc_after_trial=False,
                                timeout=None if deadline == float("inf") else max(deadline - time.monotonic(), 0.0))
             except (UpdateFinishedTrialError, ValueError):  # "Cannot tell a FAIL trial": see _taken_over
                 if not _taken_over(study, objective):
                     raise
-        elif counts.running:
+        elif counts.running or counts.refining:
             time.sleep(WAIT_POLL_S)  # other workers' trials may still die and be re-queued
-        else:
+        elif refine is None or not queue_refinements(study, refine.top_k):
             return
 
 
@@ -182,5 +185,6 @@ def describe_trial(t: FrozenTrial) -> str:
     timing = ""
     if record.run_s is not None:
         timing = f" (run {record.run_s:.1f} s, compile {record.compile_s or 0:.1f} s)"
-    return f"trial {t.number} {state} {detail}{timing}".rstrip()
+    refined = f" refining trial {record.refine_of}" if record.refine_of is not None else ""
+    return f"trial {t.number}{refined} {state} {detail}{timing}".rstrip()
 
