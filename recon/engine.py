@@ -164,7 +164,7 @@ def make_init(static: StaticConfig) -> Callable[[Settings, EngineData], EngineSt
                        for g, fields in zip(OPTIMIZED, GROUP_FIELDS)))
         return EngineState(params=params, opt=opt, iteration=jnp.zeros((), jnp.int32),
                            key=jax.random.PRNGKey(settings.seed), fitted=fit.initial_values(settings, static.fit),
-                           damping=settings.engine.damping)
+                           damping=settings.engine.damping, fit_damping=settings.engine.fit_damping)
 
     return init
 
@@ -210,7 +210,7 @@ def _constraint_context(settings: Settings, drv: Derived) -> cons_mod.Context:
 
 def _gradient_pass(static: StaticConfig, state: EngineState, settings: Settings, data: EngineData, drv: Derived,
                    idx, w):
-    """One pass of optax steps over the mini-batches: (params, opt, damping, data terms (n_batches,))."""
+    """One pass of optax steps over the mini-batches: (params, opt, damping, fitted, data terms (n_batches,))."""
     it = state.iteration
     rates = Groups(*(optim.learning_rate(spec, it, settings.iterations) for spec in settings.optimizers))
     if fit.fits_probe(static.fit):  # the probe follows the fitted optics, not its pixels
@@ -232,7 +232,7 @@ def _gradient_pass(static: StaticConfig, state: EngineState, settings: Settings,
         return (new_params, Groups(*new_opt)), data_term
 
     (params, opt), data_terms = jax.lax.scan(step, (state.params, state.opt), (idx, w))
-    return params, opt, state.damping, data_terms
+    return params, opt, state.damping, state.fitted, data_terms
 
 
 def _probe_on(static: StaticConfig, state: EngineState, settings: Settings):
@@ -294,12 +294,12 @@ def _projection_pass(static: StaticConfig, state: EngineState, settings: Setting
     obj0 = complex_object(state.params, static)
     (obj, probe), data_terms = jax.lax.scan(step, (obj0, state.params.probe * drv.probe_unit), (idx, w))
     params = _set_object(state.params, obj0, obj, static)._replace(probe=(probe / drv.probe_unit).astype(jnp.complex64))
-    return params, state.opt, state.damping, data_terms
+    return params, state.opt, state.damping, state.fitted, data_terms
 
 
 def _gauss_newton_pass(static: StaticConfig, state: EngineState, settings: Settings, data: EngineData, drv: Derived,
                        idx, w):
-    """One Levenberg-Marquardt step per mini-batch on the object and probe (see recon.gauss_newton)."""
+    """One Levenberg-Marquardt step per mini-batch on the object and the probe (see recon.gauss_newton)."""
     on = jnp.where(_probe_on(static, state, settings), 1.0, 0.0)
     probe0 = state.params.probe
 
@@ -327,11 +327,11 @@ def _gauss_newton_pass(static: StaticConfig, state: EngineState, settings: Setti
         return (unpack(params, x), damping), data_term
 
     (params, damping), data_terms = jax.lax.scan(step, (state.params, state.damping), (idx, w))
-    return params, state.opt, damping, data_terms
+    return params, state.opt, damping, state.fitted, data_terms
 
 
 #: Each engine's pass over the mini-batches: (static, state, settings, data, drv, idx, w) ->
-#: (params, opt, damping, data terms (n_batches,)).
+#: (params, opt, damping, fitted, data terms (n_batches,)).
 _PASSES = {"gradient": _gradient_pass, "epie": _projection_pass, "rpie": _projection_pass,
            "lsqml": _projection_pass, "gauss_newton": _gauss_newton_pass}
 
@@ -357,14 +357,26 @@ def _fit_residual_fn(static: StaticConfig, params: Params, settings: Settings, d
     return residual_fn
 
 
-def _fit_step(static: StaticConfig, params: Params, settings: Settings, data: EngineData, theta):
-    """θ after one Levenberg-Marquardt step on all fitted positions (kept only if Σr² decreases)."""
-    residual_fn = _fit_residual_fn(static, params, settings, data)
+def _fit_step(static: StaticConfig, params: Params, settings: Settings, data: EngineData, theta, damping, iteration):
+    """(params, θ, λ) after one joint Gauss-Newton step on the fitted optics and the object over all fitted
+    positions (see recon.fit); kept only if Σr² decreases and the iteration has reached engine.fit_start.
+    λ is divided by 3 after a kept step and multiplied by 10 after a rejected one."""
     idx, w = _ordered_batches(static)
-    ne = fit.normal_equations(residual_fn, theta, idx, w)
-    candidate = fit.lm_update(ne, theta, settings.engine.fit_damping)
-    better = fit.total_rss(residual_fn, candidate, idx, w) < ne.rss
-    return jnp.where(better, candidate, theta)
+    ne = fit.normal_equations(_fit_residual_fn(static, params, settings, data), theta, idx, w)
+    joint = _joint_residual_fn(static, params, settings, data)
+    x = _nuisance(params, static)
+    reduced = fit.reduce_system(joint, x, theta, ne, idx, w, settings.engine.fit_cg_iterations)
+    new_theta, new_x = fit.joint_step(reduced, theta, x, damping)
+    better = fit.total_rss(lambda t, i: joint(new_x, t, i), new_theta, idx, w) < ne.rss
+    started = iteration >= settings.engine.fit_start
+    keep = better & started
+    theta = jnp.where(keep, new_theta, theta)
+    x = jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), new_x, x)
+    damping = jnp.where(started, jnp.clip(jnp.where(better, damping / 3.0, damping * 10.0), *gn.DAMPING_RANGE),
+                        damping)
+    probe = x["probe_re"] + 1j * x["probe_im"] if "probe_re" in x else params.probe
+    return params._replace(object_a=x["object_a"], object_b=x["object_b"], probe=probe.astype(jnp.complex64)), \
+        theta, damping
 
 
 def make_iteration(static: StaticConfig) -> Callable[[EngineState, Settings, EngineData], tuple[EngineState, Stats]]:
@@ -380,12 +392,12 @@ def make_iteration(static: StaticConfig) -> Callable[[EngineState, Settings, Eng
         key, sub = jax.random.split(state.key)
         it = state.iteration
         idx, w = _batches(sub, static)
-        params, opt, damping, data_terms = engine_pass(static, state, settings, data, drv, idx, w)
+        params, opt, damping, fitted, data_terms = engine_pass(static, state, settings, data, drv, idx, w)
         params = _from_amp_phase(cons_mod.apply_constraints(_to_amp_phase(params, static), settings.constraints, it,
                                                             _constraint_context(settings, drv)), static)
-        fitted = state.fitted
+        fit_damping = state.fit_damping
         if static.fit:
-            fitted = _fit_step(static, params, settings, data, fitted)
+            params, fitted, fit_damping = _fit_step(static, params, settings, data, fitted, state.fit_damping, it)
             if fit.fits_probe(static.fit):
                 params = params._replace(probe=optics_probe(fit.with_fitted(settings, static.fit, fitted), static))
         obj, phase = transmission(params, static)
@@ -393,25 +405,48 @@ def make_iteration(static: StaticConfig) -> Callable[[EngineState, Settings, Eng
         data_loss = jnp.mean(data_terms)
         stats = Stats(loss=data_loss + regularizers.weighted_sum(regs, settings.regularizers),
                       data_loss=data_loss, regularizers=regs)
-        return EngineState(params=params, opt=opt, iteration=it + 1, key=key, fitted=fitted, damping=damping), stats
+        return EngineState(params=params, opt=opt, iteration=it + 1, key=key, fitted=fitted, damping=damping,
+                           fit_damping=fit_damping), stats
 
     return iteration
 
 
 class Fitted(NamedTuple):
-    """Fitted optics at the solution: values (P,) in plan units and their standard errors (P,)."""
+    """Fitted optics at the solution: values (P,) in plan units, standard errors (P,) from the Schur
+    complement with the object (and free probe pixels), and those of θ alone (P,) for comparison."""
 
     values: Any
     stderr: Any
+    stderr_restricted: Any
+
+
+def _nuisance(params: Params, static: StaticConfig) -> dict:
+    """The variables correlated with the fitted optics: the object, and the probe pixels unless fitted."""
+    x = {"object_a": params.object_a, "object_b": params.object_b}
+    if not fit.fits_probe(static.fit):
+        x.update(probe_re=jnp.real(params.probe), probe_im=jnp.imag(params.probe))
+    return x
+
+
+def _joint_residual_fn(static: StaticConfig, params: Params, settings: Settings, data: EngineData):
+    """r(x, θ, idx) -> whitened residuals (B, N, N) of the nuisance variables x and the optics θ."""
+    def residual_fn(x, theta, idx):
+        probe = x["probe_re"] + 1j * x["probe_im"] if "probe_re" in x else params.probe
+        p = params._replace(object_a=x["object_a"], object_b=x["object_b"], probe=probe.astype(jnp.complex64))
+        return _fit_residual_fn(static, p, settings, data)(theta, idx)
+
+    return residual_fn
 
 
 def make_fisher(static: StaticConfig) -> Callable[[EngineState, Settings, EngineData], Fitted]:
     """fisher(state, settings, data) -> Fitted: errors from the Fisher information (see recon.fit)."""
     def fisher(state: EngineState, settings: Settings, data: EngineData) -> Fitted:
-        residual_fn = _fit_residual_fn(static, state.params, settings, data)
         idx, w = _ordered_batches(static)
-        ne = fit.normal_equations(residual_fn, state.fitted, idx, w)
-        return Fitted(values=state.fitted, stderr=fit.standard_errors(static.noise_model, ne))
+        ne = fit.normal_equations(_fit_residual_fn(static, state.params, settings, data), state.fitted, idx, w)
+        schur = fit.reduce_system(_joint_residual_fn(static, state.params, settings, data),
+                                  _nuisance(state.params, static), state.fitted, ne, idx, w).schur
+        return Fitted(values=state.fitted, stderr=fit.standard_errors(static.noise_model, ne, schur),
+                      stderr_restricted=fit.standard_errors(static.noise_model, ne))
 
     return fisher
 

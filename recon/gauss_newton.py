@@ -22,6 +22,7 @@ import jax.numpy as jnp
 #: the residuals, for the Gaussian intensity model whose variance is not known in advance).
 RESIDUAL_VARIANCE = {"poisson": 1.0, "amplitude": 0.25, "anscombe": 0.25, "intensity": None}
 DAMPING_RANGE = (1e-6, 1e6)
+CURVATURE_FLOOR = 1e-8
 
 
 def residuals(noise_model: str, model, measured, mask, eps_rel, mean_pixel):
@@ -57,12 +58,19 @@ def _only(tree, key):
 
 
 def block_curvatures(jvp: Callable, g: dict) -> dict:
-    """s_k = ‖J g_k‖² / ‖g_k‖² for each variable group k of the gradient g ({name: () f32})."""
+    """s_k = ‖J g_k‖² / ‖g_k‖² for each variable group k of the gradient g ({name: () f32}).
+
+    Floored at CURVATURE_FLOOR × the largest, so a group the data do not (yet) constrain, e.g. the
+    optics while the object is still vacuum, stays in place instead of taking g_k / 0.
+    """
     def one(k):
         gk = _only(g, k)
-        return _dot(jvp(gk), jvp(gk)) / jnp.maximum(_dot(gk, gk), 1e-30)
+        jg = jvp(gk)
+        return _dot(jg, jg) / jnp.maximum(_dot(gk, gk), 1e-30)
 
-    return {k: jnp.maximum(one(k), 1e-30) for k in g}
+    raw = {k: one(k) for k in g}
+    floor = CURVATURE_FLOOR * jnp.max(jnp.stack(list(raw.values()))) + 1e-30
+    return {k: jnp.maximum(v, floor) for k, v in raw.items()}
 
 
 def conjugate_gradients(matvec: Callable, b: dict, precond: dict, iterations):

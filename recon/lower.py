@@ -215,7 +215,8 @@ def engine_settings(e) -> EngineSettings:
     """The traced step parameters of a plan's `engine` section."""
     return EngineSettings(alpha=_f32(e.alpha), beta=_f32(e.beta), lsqml_step=_f32(e.lsqml_step),
                           lsqml_delta=_f32(e.lsqml_delta), damping=_f32(e.damping),
-                          cg_iterations=_i32(e.cg_iterations), fit_damping=_f32(e.fit_damping))
+                          cg_iterations=_i32(e.cg_iterations), fit_damping=_f32(e.fit_damping),
+                          fit_cg_iterations=_i32(e.fit_cg_iterations), fit_start=_i32(e.fit_start))
 
 
 def fitted_keys(plan: Plan) -> tuple[str, ...]:

@@ -275,7 +275,12 @@ class EngineSpec(_Frozen):
                            "each variable group's curvature (then adapted)")
     cg_iterations: int = Field(4, ge=1, le=100, description="gauss_newton: conjugate-gradient iterations per step "
                                "(a traced loop bound)")
-    fit_damping: float = Field(1.0e-3, ge=0, description="fitted optics: Marquardt λ of their Gauss-Newton step")
+    fit_damping: float = Field(1.0e-3, gt=0, description="fitted optics: initial Marquardt λ of their joint "
+                               "Gauss-Newton step (then adapted)")
+    fit_cg_iterations: int = Field(30, ge=1, le=1000, description="fitted optics: CG iterations eliminating the "
+                                   "object from that step (a traced loop bound)")
+    fit_start: int = Field(10, ge=0, description="fitted optics: iteration from which they move (the object "
+                           "forms first with the starting optics)")
 
 
 # --------------------------------------------------------------------------- the plan

@@ -126,7 +126,9 @@ class EngineSettings(NamedTuple):
     alpha, beta: ePIE object/probe steps, rPIE object/probe regularisation; lsqml_step: fraction of
     the LSQML optimal step; lsqml_delta: LSQML preconditioner regularisation (relative to the maximum
     illumination); damping: initial Levenberg-Marquardt λ (relative); cg_iterations: () i32, the
-    traced bound of the conjugate-gradient loop; fit_damping: Marquardt λ of the fitted-optics step.
+    traced bound of the conjugate-gradient loop; fit_damping: initial Marquardt λ of the fitted-optics
+    step; fit_cg_iterations: () i32, CG iterations of that step; fit_start: () i32, the iteration from
+    which the fitted optics move.
     """
 
     alpha: Array
@@ -136,6 +138,8 @@ class EngineSettings(NamedTuple):
     damping: Array
     cg_iterations: Array
     fit_damping: Array
+    fit_cg_iterations: Array
+    fit_start: Array
 
 
 class Settings(NamedTuple):
@@ -215,7 +219,8 @@ class EngineState(NamedTuple):
     """What one iteration hands to the next: parameters, optax states per group, iteration () i32
     (iterations done), and the PRNG key (2,) u32 that shuffles the mini-batches; fitted: (P,) f32 the
     fitted optics in plan units (`StaticConfig.fit` order, P = 0 without fitting); damping: () f32
-    the Levenberg-Marquardt λ carried by the gauss_newton engine."""
+    the Levenberg-Marquardt λ carried by the gauss_newton engine; fit_damping: () f32 that of the
+    fitted optics' step."""
 
     params: Params
     opt: Groups[Any]
@@ -223,6 +228,7 @@ class EngineState(NamedTuple):
     key: Array
     fitted: Array
     damping: Array
+    fit_damping: Array
 
 
 class Stats(NamedTuple):
