@@ -28,8 +28,8 @@ from recon.simulate import simulate
 #: The true optics of the simulated data and where each fit starts.
 TRUTH = {"probe.defocus_A": -100.0, "probe.aberrations.C12_A": 20.0, "probe.aberrations.phi12_deg": 30.0,
          "scan.rotation_deg": 3.0}
-START = {"probe.defocus_A": -85.0, "probe.aberrations.C12_A": 10.0, "probe.aberrations.phi12_deg": 20.0,
-         "scan.rotation_deg": 0.0}
+START = {"probe.defocus_A": -95.0, "probe.aberrations.C12_A": 16.0, "probe.aberrations.phi12_deg": 25.0,
+         "scan.rotation_deg": 2.0}
 SPEC = SimulationSpec(pattern_px=32, scan_shape=(10, 10), dk_invA=0.1, scan_step_A=0.6, dose_e_per_A2=())
 APERTURE_EDGE_PX = 0.33  # the plan default, so that the model is exact
 
@@ -67,8 +67,11 @@ def write_realisation(directory: Path, clean: np.ndarray, positions: np.ndarray,
 
 
 def fit_plan(data: dict, engine: str, iterations: int, spec: SimulationSpec = SPEC) -> dict:
-    """A plan that fits the four optics from START (every other optic exact)."""
-    return {"iterations": iterations, "batch_size": 25, "data": data, "engine": {"name": engine},
+    """A plan that fits the four optics from START (every other optic exact); one batch of all positions
+    (the Gauss-Newton engine then takes one Levenberg-Marquardt step on all data per iteration)."""
+    n = spec.scan_shape[0] * spec.scan_shape[1]
+    return {"iterations": iterations, "batch_size": n, "data": data,
+            "engine": {"name": engine, "cg_iterations": 20} if engine == "gauss_newton" else {"name": engine},
             "probe": {"energy_eV": spec.energy_eV, "semiangle_mrad": spec.semiangle_mrad,
                       "defocus_A": START["probe.defocus_A"],
                       "aberrations": {"C12_A": START["probe.aberrations.C12_A"],
@@ -76,7 +79,9 @@ def fit_plan(data: dict, engine: str, iterations: int, spec: SimulationSpec = SP
                       "aperture_edge_px": APERTURE_EDGE_PX, "fit": ["defocus_A", "C12_A", "phi12_deg"]},
             "detector": {"dk_invA": spec.dk_invA},
             "scan": {"step_A": spec.scan_step_A, "rotation_deg": START["scan.rotation_deg"], "fit": ["rotation_deg"]},
-            "object": {"slice_thickness_A": spec.slice_thickness_A}}
+            "object": {"slice_thickness_A": spec.slice_thickness_A},
+            # the errors are those of an unconstrained maximum-likelihood fit: no amplitude clipping
+            "constraints": {"object_amplitude": {"enabled": False}}}
 
 
 def coverage(fits: list[dict], truth: dict = TRUTH) -> dict:

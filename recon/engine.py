@@ -281,8 +281,8 @@ def _projection_pass(static: StaticConfig, state: EngineState, settings: Setting
         b_idx, b_w = batch
         exit_fn, top_left, frac = _batch_exit_fn(static, drv, drv.positions_A[b_idx] + offsets[b_idx])
         measured = epie.embed_patterns(data.patterns[b_idx], static.window_px)
-        d = epie.adjoint_directions(exit_fn, obj, probe, measured, support, eps, forward.shifted_probes(probe, frac),
-                                    top_left, b_w)
+        d = epie.adjoint_directions(static.noise_model, exit_fn, obj, probe, measured, support, eps,
+                                    forward.shifted_probes(probe, frac), top_left, b_w)
         data_term = _weighted_data_term(static, settings, data, forward.crop_farfield(d.intensity, static.n_px),
                                         b_idx, b_w)
         if static.engine == "lsqml":
@@ -314,16 +314,20 @@ def _gauss_newton_pass(static: StaticConfig, state: EngineState, settings: Setti
         positions = drv.positions_A[b_idx] + params.offsets_A[b_idx]
         scale = jnp.sqrt(b_w)[:, None, None]
 
+        def model(x):
+            return _model_intensities(unpack(params, x), static, drv, positions)
+
         def residual_fn(x):
-            model = _model_intensities(unpack(params, x), static, drv, positions)
-            return gn.residuals(static.noise_model, model, data.patterns[b_idx], data.mask, settings.noise_eps,
-                                data.mean_pixel) * scale
+            return _residuals(static, settings, data, model(x), b_idx) * scale
+
+        def change_fn(new, old):
+            return jnp.sum(_loss_change(static, settings, data, model(new), model(old), b_idx) * b_w)
 
         data_term = _weighted_data_term(static, settings, data, _model_intensities(params, static, drv, positions),
                                         b_idx, b_w)
         x = {"object_a": params.object_a, "object_b": params.object_b,
              "probe_re": jnp.real(params.probe), "probe_im": jnp.imag(params.probe)}
-        x, damping, _ = gn.lm_step(residual_fn, x, damping, settings.engine.cg_iterations)
+        x, damping = gn.lm_step(residual_fn, change_fn, x, damping, settings.engine.cg_iterations)
         return (unpack(params, x), damping), data_term
 
     (params, damping), data_terms = jax.lax.scan(step, (state.params, state.damping), (idx, w))
@@ -344,30 +348,55 @@ def _ordered_batches(static: StaticConfig):
     return order.reshape(static.n_batches, static.batch_size), weights.reshape(static.n_batches, static.batch_size)
 
 
-def _fit_residual_fn(static: StaticConfig, params: Params, settings: Settings, data: EngineData):
-    """r(θ, idx) -> whitened residuals (B, N, N) with the object held fixed and the optics from θ."""
-    def residual_fn(theta, idx):
+def _residuals(static: StaticConfig, settings: Settings, data: EngineData, model, idx):
+    return gn.residuals(static.noise_model, model, data.patterns[idx], data.mask, settings.noise_eps, data.mean_pixel)
+
+
+def _loss_change(static: StaticConfig, settings: Settings, data: EngineData, new, old, idx):
+    return gn.loss_change(static.noise_model, new, old, data.patterns[idx], data.mask, settings.noise_eps,
+                          data.mean_pixel)
+
+
+def _joint_model_fn(static: StaticConfig, params: Params, settings: Settings, data: EngineData):
+    """model(x, θ, idx) -> intensities (B, N, N) of the nuisance variables x (`_nuisance`) and the optics θ."""
+    def model(x, theta, idx):
+        probe = x["probe_re"] + 1j * x["probe_im"] if "probe_re" in x else params.probe
+        p = params._replace(object_a=x["object_a"], object_b=x["object_b"], probe=probe.astype(jnp.complex64))
         s = fit.with_fitted(settings, static.fit, theta)
         drv = derive(s, data, static)
-        p = params._replace(probe=optics_probe(s, static)) if fit.fits_probe(static.fit) else params
-        model = _model_intensities(p, static, drv, drv.positions_A[idx] + p.offsets_A[idx])
-        return gn.residuals(static.noise_model, model, data.patterns[idx], data.mask, settings.noise_eps,
-                            data.mean_pixel)
+        p = p._replace(probe=optics_probe(s, static)) if fit.fits_probe(static.fit) else p
+        return _model_intensities(p, static, drv, drv.positions_A[idx] + p.offsets_A[idx])
 
-    return residual_fn
+    return model
+
+
+def _joint_residual_fn(static: StaticConfig, params: Params, settings: Settings, data: EngineData):
+    """r(x, θ, idx) -> whitened residuals (B, N, N) of the nuisance variables x and the optics θ."""
+    model = _joint_model_fn(static, params, settings, data)
+    return lambda x, theta, idx: _residuals(static, settings, data, model(x, theta, idx), idx)
+
+
+def _fit_residual_fn(static: StaticConfig, params: Params, settings: Settings, data: EngineData):
+    """r(θ, idx) -> whitened residuals (B, N, N) with the object held fixed and the optics from θ."""
+    joint = _joint_residual_fn(static, params, settings, data)
+    x = _nuisance(params, static)
+    return lambda theta, idx: joint(x, theta, idx)
 
 
 def _fit_step(static: StaticConfig, params: Params, settings: Settings, data: EngineData, theta, damping, iteration):
     """(params, θ, λ) after one joint Gauss-Newton step on the fitted optics and the object over all fitted
-    positions (see recon.fit); kept only if Σr² decreases and the iteration has reached engine.fit_start.
+    positions (see recon.fit); kept only if the data term decreases and the iteration has reached
+    engine.fit_start.
     λ is divided by 3 after a kept step and multiplied by 10 after a rejected one."""
     idx, w = _ordered_batches(static)
     ne = fit.normal_equations(_fit_residual_fn(static, params, settings, data), theta, idx, w)
     joint = _joint_residual_fn(static, params, settings, data)
     x = _nuisance(params, static)
-    reduced = fit.reduce_system(joint, x, theta, ne, idx, w, settings.engine.fit_cg_iterations)
+    reduced = fit.reduce_system(joint, x, theta, ne, idx, w, settings.engine.fit_cg_iterations, damping)
     new_theta, new_x = fit.joint_step(reduced, theta, x, damping)
-    better = fit.total_rss(lambda t, i: joint(new_x, t, i), new_theta, idx, w) < ne.rss
+    model = _joint_model_fn(static, params, settings, data)
+    better = fit.total_change(lambda i: _loss_change(static, settings, data, model(new_x, new_theta, i),
+                                                     model(x, theta, i), i), idx, w) < 0
     started = iteration >= settings.engine.fit_start
     keep = better & started
     theta = jnp.where(keep, new_theta, theta)
@@ -426,16 +455,6 @@ def _nuisance(params: Params, static: StaticConfig) -> dict:
     if not fit.fits_probe(static.fit):
         x.update(probe_re=jnp.real(params.probe), probe_im=jnp.imag(params.probe))
     return x
-
-
-def _joint_residual_fn(static: StaticConfig, params: Params, settings: Settings, data: EngineData):
-    """r(x, θ, idx) -> whitened residuals (B, N, N) of the nuisance variables x and the optics θ."""
-    def residual_fn(x, theta, idx):
-        probe = x["probe_re"] + 1j * x["probe_im"] if "probe_re" in x else params.probe
-        p = params._replace(object_a=x["object_a"], object_b=x["object_b"], probe=probe.astype(jnp.complex64))
-        return _fit_residual_fn(static, p, settings, data)(theta, idx)
-
-    return residual_fn
 
 
 def make_fisher(static: StaticConfig) -> Callable[[EngineState, Settings, EngineData], Fitted]:

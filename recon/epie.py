@@ -1,9 +1,11 @@
 """Projection engines ePIE and rPIE on mini-batches, and what LSQML shares with them.
 
 An exit-wave function `exit_fn(obj, probe) -> ψ (B, M, W, W)` (the engine's multislice model at the
-batch's positions, holomorphic in the object (S, Y, X) and the probe modes (M, W, W)) is projected
-onto the measured moduli in the far field (`modulus_projection`: every mode scaled by √(y / Σ_m I_m),
-the per-pixel maximum-likelihood exit wave under both amplitude and Poisson noise). The update
+batch's positions, holomorphic in the object (S, Y, X) and the probe modes (M, W, W)) is moved to its
+target in the far field (`exit_wave_target`: the modulus projection, every mode scaled by
+√(y / Σ_m I_m), for the amplitude noise model; for the Poisson model the likelihood-gradient step
+Ψ (1 + ½ (y/I − 1)), as in LSQML's Poisson variant: the projection is the amplitude model's
+least-squares update and biases the phase low at low counts). The update
 directions conj(P)·(ψ − ψ') and conj(O)·(ψ − ψ') are the adjoint of the model applied to the
 exit-wave residual (`adjoint_directions`, by jax.vjp); for one slice they are exactly ePIE's, for
 several slices they back-propagate through the slices (the normalisations then use the probe's
@@ -42,10 +44,15 @@ class Directions(NamedTuple):
     intensity: jnp.ndarray
 
 
-def modulus_projection(exit_k, measured, support, eps):
-    """Far-field exit waves (B, M, W, W) with Σ_m |Ψ_m|² replaced by the measured y on `support` (W, W)."""
-    intensity = jnp.sum(forward.abs2(exit_k), axis=1)
-    factor = jnp.sqrt(jnp.maximum(measured, 0.0)) / jnp.sqrt(intensity + eps)
+def exit_wave_target(noise_model: str, exit_k, measured, support, eps):
+    """Far-field exit-wave targets Ψ' (B, M, W, W) on `support` (W, W) (elsewhere Ψ' = Ψ).
+
+    amplitude: the modulus projection Ψ √(y / I); poisson: Ψ (1 + ½ (y / I − 1)), the step along the
+    Poisson likelihood's gradient that equals the projection to first order but weights every pixel
+    as the Poisson likelihood does (unbiased at low counts, where √y is not). I = Σ_m |Ψ_m|² + ε.
+    """
+    ratio = jnp.maximum(measured, 0.0) / (jnp.sum(forward.abs2(exit_k), axis=1) + eps)
+    factor = 0.5 * (1.0 + ratio) if noise_model == "poisson" else jnp.sqrt(ratio)
     return exit_k * jnp.where(support > 0, factor, 1.0)[:, None]
 
 
@@ -72,12 +79,12 @@ def scattered_illumination(shifted_probes, top_left, object_shape: tuple[int, in
     return vjp(power)[0]
 
 
-def adjoint_directions(exit_fn: Callable, obj, probe, measured, support, eps, shifted_probes, top_left,
-                       weights) -> Directions:
+def adjoint_directions(noise_model: str, exit_fn: Callable, obj, probe, measured, support, eps, shifted_probes,
+                       top_left, weights) -> Directions:
     """Directions of one mini-batch; `weights` (B,) are 0 for padding positions."""
     psi, vjp = jax.vjp(exit_fn, obj, probe)
     psi_k = jnp.fft.fft2(psi, norm="ortho")
-    target = modulus_projection(psi_k, measured, support, eps)
+    target = exit_wave_target(noise_model, psi_k, measured, support, eps)
     residual = jnp.fft.ifft2(psi_k - target, norm="ortho") * weights[:, None, None, None]
     d_object, d_probe = adjoint(vjp, residual)
     windows = forward.extract_windows(obj, top_left, probe.shape[-1])

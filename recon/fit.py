@@ -14,7 +14,8 @@ below; `engine.cg_iterations` CG iterations). S, not J_θᵀJ_θ, is the curvatu
 once the object re-adapts to θ, so the alternation does not crawl along the valley where the object
 compensates a wrong θ (measured: with J_θᵀJ_θ a fit from 15 Å off had not converged after 80
 iterations). J = ∂r/∂θ of the noise model's whitened residuals (`gauss_newton.residuals`; P
-forward-mode passes, `jax.linearize`). The step is kept only if Σ r² decreases.
+forward-mode passes, `jax.linearize`). The step is kept only if the data term decreases
+(`gauss_newton.loss_change`).
 
 Standard errors: the Fisher information at the solution, F = JᵀJ / s², with s² the whitened
 residual's variance (`gauss_newton.RESIDUAL_VARIANCE`: Poisson 1, so F = Σ (∂μ/∂θ)²/μ; amplitude
@@ -102,11 +103,11 @@ def normal_equations(residual_fn: Callable, theta, batches, weights) -> NormalEq
     return acc
 
 
-def total_rss(residual_fn: Callable, theta, batches, weights):
-    """Σ r² over the mini-batches at θ (one forward pass over the data)."""
+def total_change(change_fn: Callable, batches, weights):
+    """Σ over the mini-batches of change_fn(idx) -> (B,) per-pattern data-term changes, weighted."""
     def one(acc, batch):
         idx, w = batch
-        return acc + jnp.sum(residual_fn(theta, idx) ** 2 * w[:, None, None]), None
+        return acc + jnp.sum(change_fn(idx) * w), None
 
     return jax.lax.scan(one, jnp.zeros(()), (batches, weights))[0]
 
@@ -190,9 +191,9 @@ class Reduced(NamedTuple):
 
 
 def reduce_system(residual_fn: Callable, x: dict, theta, ne: NormalEquations, batches, weights,
-                  iterations=SCHUR_CG_ITERATIONS) -> Reduced:
-    """Eliminate x from the joint normal equations: P + 1 CG solves with F_xx (under vmap),
-    preconditioned and ridged (1e-6) per group with the group's curvature along the summed columns."""
+                  iterations=SCHUR_CG_ITERATIONS, damping=0.0) -> Reduced:
+    """Eliminate x from the joint normal equations: P + 1 CG solves with F_xx + λ D (under vmap), D the
+    curvature of each group along the summed columns (also the preconditioner); λ ≥ 1e-6."""
     matvec = nuisance_gram(residual_fn, x, theta, batches, weights)
     cols = cross_columns(residual_fn, x, theta, batches, weights)
     g_x = nuisance_gradient(residual_fn, x, theta, batches, weights)
@@ -200,7 +201,8 @@ def reduce_system(residual_fn: Callable, x: dict, theta, ne: NormalEquations, ba
     curv = {k: _dot_tree(_only(total, k), matvec(_only(total, k))) / jnp.maximum(jnp.sum(total[k] ** 2), 1e-30)
             for k in x}
     curv = {k: jnp.maximum(v, 1e-30) for k, v in curv.items()}
-    damped = lambda v: {k: a + 1e-6 * curv[k] * v[k] for k, a in matvec(v).items()}  # noqa: E731
+    ridge = jnp.maximum(damping, 1e-6)
+    damped = lambda v: {k: a + ridge * curv[k] * v[k] for k, a in matvec(v).items()}  # noqa: E731
     rhs = jax.tree_util.tree_map(lambda c, g: jnp.concatenate([c, g[None]]), cols, g_x)
     solved = jax.vmap(lambda b: conjugate_gradients(damped, b, curv, iterations))(rhs)
     z = jax.tree_util.tree_map(lambda a: a[:-1], solved)

@@ -8,7 +8,8 @@ Each mini-batch takes one damped step (JᵀJ + λ S) δ = −Jᵀr with S = diag
 of variable group k (‖J g_k‖² / ‖g_k‖² along its own gradient g_k), so λ is relative and the same
 value suits the object and the probe; S also preconditions CG. The CG loop is a `lax.fori_loop` whose
 bound is the traced `cg_iterations` (tuning it never recompiles; under vmap the batch runs to the
-largest bound and each trial stops updating at its own). A step is kept only if it lowers Σ r²;
+largest bound and each trial stops updating at its own). A step is kept only if it lowers the data
+term (`loss_change`: Σ r², or the deviance for Poisson noise);
 λ is divided by 3 after a kept step and multiplied by 3 after a rejected one (kept in [1e-6, 1e6]).
 """
 from __future__ import annotations
@@ -23,14 +24,18 @@ import jax.numpy as jnp
 RESIDUAL_VARIANCE = {"poisson": 1.0, "amplitude": 0.25, "anscombe": 0.25, "intensity": None}
 DAMPING_RANGE = (1e-6, 1e6)
 CURVATURE_FLOOR = 1e-8
+POISSON_FLOOR = 1e-2
 
 
 def residuals(noise_model: str, model, measured, mask, eps_rel, mean_pixel):
     """Whitened residuals (B, N, N) of modelled against measured intensities, 0 outside the mask.
 
     amplitude √(I+ε) − √y; anscombe √(I+3/8+ε) − √(y+3/8); intensity (I − y)/√(mean pixel);
-    poisson (I − y)/√(I+ε) with the denominator held constant (Fisher scoring: Jᵀr is the exact
-    Poisson log-likelihood gradient and JᵀJ = Σ (∂I)²/I its Fisher information).
+    poisson (I − y)/√D with D = max(I, f·mean pixel) held constant: iteratively reweighted least
+    squares, i.e. Fisher scoring (Jᵀr is the Poisson log-likelihood gradient Σ ∂I (1 − y/I) and JᵀJ =
+    Σ (∂I)²/I its Fisher information wherever I ≥ D). The floor f = POISSON_FLOOR keeps JᵀJ
+    conditioned for a few CG iterations despite the dark field's near-zero model intensities (measured
+    on mos2_1l at dose 1e5: NRMSE 0.95 after 5 iterations with ε alone, 0.29 with the floor).
     """
     eps = eps_rel * mean_pixel
     y = jnp.maximum(measured, 0.0)
@@ -41,7 +46,7 @@ def residuals(noise_model: str, model, measured, mask, eps_rel, mean_pixel):
     elif noise_model == "intensity":
         r = (model - y) / jnp.sqrt(mean_pixel)
     else:
-        r = (model - y) / jnp.sqrt(jax.lax.stop_gradient(jnp.maximum(model, 0.0)) + eps)
+        r = (model - y) / jnp.sqrt(jax.lax.stop_gradient(jnp.maximum(model, POISSON_FLOOR * mean_pixel)))
     return r * mask
 
 
@@ -99,10 +104,27 @@ def conjugate_gradients(matvec: Callable, b: dict, precond: dict, iterations):
     return x
 
 
-def lm_step(residual_fn: Callable, x: dict, damping, cg_iterations):
+def loss_change(noise_model: str, new, old, measured, mask, eps_rel, mean_pixel):
+    """Per pattern (B,): Σ r_new² − Σ r_old² from modelled intensities `old` to `new` (B, N, N), the
+    Poisson weights 1/D frozen at `old` (the reweighted least-squares objective whose gradient the step
+    follows; re-evaluating D at `new` would give Pearson's χ², which the step does not descend).
+    Summed per pixel as (r_new − r_old)(r_new + r_old): near the optimum the change is far below the
+    float32 resolution of either total."""
+    if noise_model == "poisson":
+        y = jnp.maximum(measured, 0.0)
+        d = (new - old) * (new + old - 2.0 * y) / jnp.maximum(old, POISSON_FLOOR * mean_pixel)
+    else:
+        r_new = residuals(noise_model, new, measured, mask, eps_rel, mean_pixel)
+        r_old = residuals(noise_model, old, measured, mask, eps_rel, mean_pixel)
+        d = (r_new - r_old) * (r_new + r_old)
+    return jnp.sum(d * mask, axis=(-2, -1))
+
+
+def lm_step(residual_fn: Callable, change_fn: Callable, x: dict, damping, cg_iterations):
     """One Levenberg-Marquardt step on the real variables x ({group: array}).
 
-    Returns (x_new, damping_new, Σr² before the step). residual_fn(x) -> real residuals (any shape).
+    Returns (x_new, damping_new). residual_fn(x) -> real residuals (any shape); change_fn(x_new, x) ->
+    the change of the data term (`loss_change`), which decides whether the step is kept.
     """
     r, jvp = jax.linearize(residual_fn, x)
     vjp = jax.linear_transpose(jvp, x)
@@ -112,9 +134,7 @@ def lm_step(residual_fn: Callable, x: dict, damping, cg_iterations):
     precond = {k: (1.0 + damping) * scales[k] for k in g}
     delta = conjugate_gradients(matvec, jax.tree_util.tree_map(jnp.negative, g), precond, cg_iterations)
     candidate = _axpy(1.0, delta, x)
-    before = jnp.sum(r**2)
-    after = jnp.sum(residual_fn(candidate) ** 2)
-    better = after < before
+    better = change_fn(candidate, x) < 0
     new = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), candidate, x)
     damping = jnp.clip(jnp.where(better, damping / 3.0, damping * 3.0), *DAMPING_RANGE)
-    return new, damping, before
+    return new, damping

@@ -253,8 +253,8 @@ class Constraints(_Frozen):
 
 # --------------------------------------------------------------------------- engines
 ENGINES = ("gradient", "epie", "rpie", "lsqml", "gauss_newton")
-#: Noise models each engine's update is defined for (the projection engines use the modulus
-#: projection, the per-pixel maximum-likelihood exit wave under both amplitude and Poisson noise).
+#: Noise models each engine's update is defined for (the projection engines: the modulus projection
+#: for amplitude noise, a Poisson-likelihood step for Poisson noise; recon.epie.exit_wave_target).
 ENGINE_NOISE_MODELS = {"gradient": ("amplitude", "anscombe", "poisson", "intensity"),
                        "epie": ("amplitude", "poisson"), "rpie": ("amplitude", "poisson"),
                        "lsqml": ("amplitude", "poisson"),

@@ -109,6 +109,9 @@ class Objective:
                    stop_reason=result.stop_reason, compile_count=recon.compile_count(),
                    compiled=recon.compile_count() - compiled_before,
                    loss_curve=_curve(result.history.get("loss")), data_loss_curve=_curve(result.history.get("data_loss")))
+        if result.fitted:  # fitted optics: {plan key: {value, stderr}}
+            trial.set_user_attr("fitted", {k: {"value": v, "stderr": result.fitted_stderr.get(k)}
+                                           for k, v in result.fitted.items()})
         if result.diverged:
             raise _fail(trial, f"diverged: {result.stop_reason}")
         if reporter.pruned_at is not None:
