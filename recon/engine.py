@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import constraints as cons_mod
-from . import forward, noise, optim, physics, regularizers
+from . import epie, fit, forward, lsqml, noise, optim, physics, regularizers
+from . import gauss_newton as gn
 from .lower import OPTIMIZED, StaticConfig, grid_origin_A, pixel_size_A
 from .state import EngineData, EngineState, Groups, Params, Settings, Stats
 
@@ -155,19 +156,25 @@ def make_init(static: StaticConfig) -> Callable[[Settings, EngineData], EngineSt
     """init(settings, data) -> state: object, probe from the optics, zero position offsets."""
     def init(settings: Settings, data: EngineData) -> EngineState:
         shape = (static.slices, *static.object_shape)
-        psi0 = physics.probe_from_aberrations(
-            static.window_px, settings.dk_invA, settings.energy_eV, settings.semiangle_mrad, settings.defocus_A,
-            settings.aberrations._asdict(), settings.aperture_edge_px, static.aperture_supersample)
-        probe = physics.mixed_state_probe(psi0, static.modes, settings.main_mode_fraction) * static.n_px
+        probe = optics_probe(settings, static)
         params = _from_amp_phase(Params(object_a=jnp.full(shape, settings.init_amplitude, jnp.float32),
                                         object_b=jnp.full(shape, settings.init_phase_rad, jnp.float32),
                                         probe=probe, offsets_A=jnp.zeros((static.n_fit, 2), jnp.float32)), static)
         opt = Groups(*(_direction(static, settings, g).init(_subset(params, fields))
                        for g, fields in zip(OPTIMIZED, GROUP_FIELDS)))
         return EngineState(params=params, opt=opt, iteration=jnp.zeros((), jnp.int32),
-                           key=jax.random.PRNGKey(settings.seed))
+                           key=jax.random.PRNGKey(settings.seed), fitted=fit.initial_values(settings, static.fit),
+                           damping=settings.engine.damping, fit_damping=settings.engine.fit_damping)
 
     return init
+
+
+def optics_probe(settings: Settings, static: StaticConfig):
+    """The probe modes (M, W, W) in probe units built from the settings' optics (aberrations, modes)."""
+    psi0 = physics.probe_from_aberrations(
+        static.window_px, settings.dk_invA, settings.energy_eV, settings.semiangle_mrad, settings.defocus_A,
+        settings.aberrations._asdict(), settings.aperture_edge_px, static.aperture_supersample)
+    return physics.mixed_state_probe(psi0, static.modes, settings.main_mode_fraction) * static.n_px
 
 
 def _model_intensities(params: Params, static: StaticConfig, drv: Derived, positions):
@@ -221,48 +228,275 @@ def _constraint_context(settings: Settings, drv: Derived) -> cons_mod.Context:
                             semiangle_mrad=settings.semiangle_mrad, aperture_edge_px=settings.aperture_edge_px)
 
 
+def _gradient_pass(static: StaticConfig, state: EngineState, settings: Settings, data: EngineData, drv: Derived,
+                   idx, w, gates: Gates | None = None):
+    """One pass of optax steps over the mini-batches: (params, opt, damping, fitted, data terms (n_batches,))."""
+    it = state.iteration
+    rates = Groups(*(optim.learning_rate(spec, it, settings.iterations) for spec in settings.optimizers))
+    if fit.fits_probe(static.fit):  # the probe follows the fitted optics, not its pixels
+        rates = rates._replace(probe=jnp.zeros_like(rates.probe))
+
+    def step(carry, batch):
+        params, opt = carry
+        (_, data_term), grads = jax.value_and_grad(_loss, has_aux=True)(
+            params, static, settings, data, drv, batch[0], batch[1], gates)
+        grads = jax.tree_util.tree_map(lambda g: jnp.conj(g) if jnp.iscomplexobj(g) else g, grads)  # Wirtinger
+        new_params, new_opt = params, []
+        for g, fields, opt_g, spec, rate in zip(OPTIMIZED, GROUP_FIELDS, opt, settings.optimizers, rates):
+            current = _subset(params, fields)
+            updates, state_g = _direction(static, settings, g).update(_subset(grads, fields), opt_g, current)
+            on = it >= spec.start_iteration
+            new_opt.append(jax.tree_util.tree_map(lambda a, b, on=on: jnp.where(on, a, b), state_g, opt_g))
+            new_params = new_params._replace(**{k: current[k] - rate * updates[k].astype(current[k].dtype)
+                                                for k in fields})
+        return (new_params, Groups(*new_opt)), data_term
+
+    (params, opt), data_terms = jax.lax.scan(step, (state.params, state.opt), (idx, w))
+    return params, opt, state.damping, state.fitted, data_terms
+
+
+def _probe_on(static: StaticConfig, state: EngineState, settings: Settings):
+    """Non-gradient engines update the probe pixels from optimizers.probe.start_iteration, unless fitted."""
+    return (state.iteration >= settings.optimizers.probe.start_iteration) & (not fit.fits_probe(static.fit))
+
+
+def _batch_exit_fn(static: StaticConfig, drv: Derived, positions):
+    """exit_fn(obj (S, Y, X), probe (M, W, W) counts^½) -> exit waves (B, M, W, W) at the positions (B, 2),
+    with the windows' top-left pixels (B, 2) and sub-pixel remainders (B, 2)."""
+    top_left, frac = forward.window_offsets(positions, drv.origin_yx_A, drv.dx_A, static.window_px)
+
+    def exit_fn(obj, probe):
+        windows = forward.extract_windows(obj, top_left, static.window_px)
+        return forward.exit_waves(forward.shifted_probes(probe, frac), windows, drv.propagator)
+
+    return exit_fn, top_left, frac
+
+
+def _weighted_data_term(static: StaticConfig, settings: Settings, data: EngineData, model, idx, weights):
+    per_pattern = noise.pattern_losses(static.noise_model, model, data.patterns[idx], data.mask,
+                                       settings.noise_eps, data.mean_total, data.mean_pixel)
+    return jnp.sum(per_pattern * weights) / jnp.sum(weights)
+
+
+def _set_object(params: Params, old_obj, new_obj, static: StaticConfig) -> Params:
+    """Params holding `new_obj`; amp_phase phases move by the phase change (never wrapped to ±π)."""
+    if static.parameterization == "amp_phase":
+        return params._replace(object_a=jnp.abs(new_obj),
+                               object_b=params.object_b + jnp.angle(new_obj * jnp.conj(old_obj)))
+    a, b = object_params(new_obj, static)
+    return params._replace(object_a=a, object_b=b)
+
+
+def _projection_pass(static: StaticConfig, state: EngineState, settings: Settings, data: EngineData, drv: Derived,
+                     idx, w, gates: Gates | None = None):
+    """ePIE, rPIE or LSQML over the mini-batches (see recon.epie, recon.lsqml)."""
+    e = settings.engine
+    probe_on = _probe_on(static, state, settings)
+    support = epie.embed_patterns(data.mask[None], static.window_px)[0]
+    eps = settings.noise_eps * data.mean_pixel
+    offsets = state.params.offsets_A
+
+    def step(carry, batch):
+        obj, probe = carry
+        b_idx, b_w = batch
+        exit_fn, top_left, frac = _batch_exit_fn(static, drv, drv.positions_A[b_idx] + offsets[b_idx])
+        measured = epie.embed_patterns(data.patterns[b_idx], static.window_px)
+        d = epie.adjoint_directions(static.noise_model, exit_fn, obj, probe, measured, support, eps,
+                                    forward.shifted_probes(probe, frac), top_left, b_w)
+        data_term = _weighted_data_term(static, settings, data, forward.crop_farfield(d.intensity, static.n_px),
+                                        b_idx, b_w)
+        if static.engine == "lsqml":
+            obj, probe = lsqml.lsqml_update(exit_fn, d, obj, probe, e.lsqml_step, e.lsqml_delta, probe_on, b_w)
+        else:
+            obj, probe = epie.pie_update(d, obj, probe, e.alpha, e.beta, static.engine == "rpie", probe_on)
+        return (obj, probe), data_term
+
+    obj0 = complex_object(state.params, static)
+    (obj, probe), data_terms = jax.lax.scan(step, (obj0, state.params.probe * drv.probe_unit), (idx, w))
+    params = _set_object(state.params, obj0, obj, static)._replace(probe=(probe / drv.probe_unit).astype(jnp.complex64))
+    return params, state.opt, state.damping, state.fitted, data_terms
+
+
+def _gauss_newton_pass(static: StaticConfig, state: EngineState, settings: Settings, data: EngineData, drv: Derived,
+                       idx, w, gates: Gates | None = None):
+    """One Levenberg-Marquardt step per mini-batch on the object and the probe (see recon.gauss_newton)."""
+    on = jnp.where(_probe_on(static, state, settings), 1.0, 0.0)
+    probe0 = state.params.probe
+
+    def unpack(params: Params, x: dict) -> Params:
+        probe = x["probe_re"] + 1j * x["probe_im"]
+        return params._replace(object_a=x["object_a"], object_b=x["object_b"],
+                               probe=(probe0 + on * (probe - probe0)).astype(jnp.complex64))
+
+    def step(carry, batch):
+        params, damping = carry
+        b_idx, b_w = batch
+        positions = drv.positions_A[b_idx] + params.offsets_A[b_idx]
+        scale = jnp.sqrt(b_w)[:, None, None]
+
+        def model(x):
+            return _model_intensities(unpack(params, x), static, drv, positions)
+
+        def residual_fn(x):
+            return _residuals(static, settings, data, model(x), b_idx) * scale
+
+        def change_fn(new, old):
+            return jnp.sum(_loss_change(static, settings, data, model(new), model(old), b_idx) * b_w)
+
+        data_term = _weighted_data_term(static, settings, data, _model_intensities(params, static, drv, positions),
+                                        b_idx, b_w)
+        x = {"object_a": params.object_a, "object_b": params.object_b,
+             "probe_re": jnp.real(params.probe), "probe_im": jnp.imag(params.probe)}
+        x, damping = gn.lm_step(residual_fn, change_fn, x, damping, settings.engine.cg_iterations)
+        return (unpack(params, x), damping), data_term
+
+    (params, damping), data_terms = jax.lax.scan(step, (state.params, state.damping), (idx, w))
+    return params, state.opt, damping, state.fitted, data_terms
+
+
+#: Each engine's pass over the mini-batches: (static, state, settings, data, drv, idx, w) ->
+#: (params, opt, damping, fitted, data terms (n_batches,)).
+_PASSES = {"gradient": _gradient_pass, "epie": _projection_pass, "rpie": _projection_pass,
+           "lsqml": _projection_pass, "gauss_newton": _gauss_newton_pass}
+
+
+def _ordered_batches(static: StaticConfig):
+    """All fitted positions in order as (n_batches, B) indices and weights (0 for padding)."""
+    total = static.n_batches * static.batch_size
+    order = jnp.arange(total) % static.n_fit
+    weights = (jnp.arange(total) < static.n_fit).astype(jnp.float32)
+    return order.reshape(static.n_batches, static.batch_size), weights.reshape(static.n_batches, static.batch_size)
+
+
+def _residuals(static: StaticConfig, settings: Settings, data: EngineData, model, idx):
+    return gn.residuals(static.noise_model, model, data.patterns[idx], data.mask, settings.noise_eps, data.mean_pixel)
+
+
+def _loss_change(static: StaticConfig, settings: Settings, data: EngineData, new, old, idx):
+    return gn.loss_change(static.noise_model, new, old, data.patterns[idx], data.mask, settings.noise_eps,
+                          data.mean_pixel)
+
+
+def _joint_model_fn(static: StaticConfig, params: Params, settings: Settings, data: EngineData):
+    """model(x, θ, idx) -> intensities (B, N, N) of the nuisance variables x (`_nuisance`) and the optics θ."""
+    def model(x, theta, idx):
+        probe = x["probe_re"] + 1j * x["probe_im"] if "probe_re" in x else params.probe
+        p = params._replace(object_a=x["object_a"], object_b=x["object_b"], probe=probe.astype(jnp.complex64))
+        s = fit.with_fitted(settings, static.fit, theta)
+        drv = derive(s, data, static)
+        p = p._replace(probe=optics_probe(s, static)) if fit.fits_probe(static.fit) else p
+        return _model_intensities(p, static, drv, drv.positions_A[idx] + p.offsets_A[idx])
+
+    return model
+
+
+def _joint_residual_fn(static: StaticConfig, params: Params, settings: Settings, data: EngineData):
+    """r(x, θ, idx) -> whitened residuals (B, N, N) of the nuisance variables x and the optics θ."""
+    model = _joint_model_fn(static, params, settings, data)
+    return lambda x, theta, idx: _residuals(static, settings, data, model(x, theta, idx), idx)
+
+
+def _fit_residual_fn(static: StaticConfig, params: Params, settings: Settings, data: EngineData):
+    """r(θ, idx) -> whitened residuals (B, N, N) with the object held fixed and the optics from θ."""
+    joint = _joint_residual_fn(static, params, settings, data)
+    x = _nuisance(params, static)
+    return lambda theta, idx: joint(x, theta, idx)
+
+
+def _fit_step(static: StaticConfig, params: Params, settings: Settings, data: EngineData, theta, damping, iteration):
+    """(params, θ, λ) after one joint Gauss-Newton step on the fitted optics and the object over all fitted
+    positions (see recon.fit); kept only if the data term decreases and the iteration has reached
+    engine.fit_start.
+    λ is divided by 3 after a kept step and multiplied by 10 after a rejected one."""
+    idx, w = _ordered_batches(static)
+    ne = fit.normal_equations(_fit_residual_fn(static, params, settings, data), theta, idx, w)
+    joint = _joint_residual_fn(static, params, settings, data)
+    x = _nuisance(params, static)
+    reduced = fit.reduce_system(joint, x, theta, ne, idx, w, settings.engine.fit_cg_iterations, damping)
+    new_theta, new_x = fit.joint_step(reduced, theta, x, damping)
+    model = _joint_model_fn(static, params, settings, data)
+    better = fit.total_change(lambda i: _loss_change(static, settings, data, model(new_x, new_theta, i),
+                                                     model(x, theta, i), i), idx, w) < 0
+    started = iteration >= settings.engine.fit_start
+    keep = better & started
+    theta = jnp.where(keep, new_theta, theta)
+    x = jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), new_x, x)
+    damping = jnp.where(started, jnp.clip(jnp.where(better, damping / 3.0, damping * 10.0), *gn.DAMPING_RANGE),
+                        damping)
+    probe = x["probe_re"] + 1j * x["probe_im"] if "probe_re" in x else params.probe
+    return params._replace(object_a=x["object_a"], object_b=x["object_b"], probe=probe.astype(jnp.complex64)), \
+        theta, damping
+
+
 def make_iteration(static: StaticConfig) -> Callable[[EngineState, Settings, EngineData], tuple[EngineState, Stats]]:
-    """iteration(state, settings, data[, gates]) -> (state, stats): one pass over all mini-batches."""
+    """iteration(state, settings, data[, gates]) -> (state, stats): one pass over all mini-batches.
+
+    The pass is the plan's engine (`_PASSES`); constraints, fitted optics and statistics are shared.
+    `gates` (batched trials): see `Gates`.
+    """
+    engine_pass = _PASSES[static.engine]
+
     def iteration(state: EngineState, settings: Settings, data: EngineData,
                   gates: Gates | None = None) -> tuple[EngineState, Stats]:
+        settings = fit.with_fitted(settings, static.fit, state.fitted)
         drv = derive(settings, data, static)
         key, sub = jax.random.split(state.key)
         it = state.iteration
         idx, w = _batches(sub, static)
-        rates = Groups(*(optim.learning_rate(spec, it, settings.iterations) for spec in settings.optimizers))
-
-        def step(carry, batch):
-            params, opt = carry
-            (_, data_term), grads = jax.value_and_grad(_loss, has_aux=True)(
-                params, static, settings, data, drv, batch[0], batch[1], gates)
-            grads = jax.tree_util.tree_map(lambda g: jnp.conj(g) if jnp.iscomplexobj(g) else g, grads)  # Wirtinger
-            new_params, new_opt = params, []
-            for g, fields, opt_g, spec, rate in zip(OPTIMIZED, GROUP_FIELDS, opt, settings.optimizers, rates):
-                current = _subset(params, fields)
-                updates, state_g = _direction(static, settings, g).update(_subset(grads, fields), opt_g, current)
-                on = it >= spec.start_iteration
-                new_opt.append(jax.tree_util.tree_map(lambda a, b, on=on: jnp.where(on, a, b), state_g, opt_g))
-                new_params = new_params._replace(**{k: current[k] - rate * updates[k].astype(current[k].dtype)
-                                                    for k in fields})
-            return (new_params, Groups(*new_opt)), data_term
-
-        (params, opt), data_terms = jax.lax.scan(step, (state.params, state.opt), (idx, w))
+        params, opt, damping, fitted, data_terms = engine_pass(static, state, settings, data, drv, idx, w, gates)
         params = _from_amp_phase(cons_mod.apply_constraints(
             _to_amp_phase(params, static), settings.constraints, it, _constraint_context(settings, drv),
             None if gates is None else gates.constraints), static)
+        fit_damping = state.fit_damping
+        if static.fit:
+            params, fitted, fit_damping = _fit_step(static, params, settings, data, fitted, state.fit_damping, it)
+            if fit.fits_probe(static.fit):
+                params = params._replace(probe=optics_probe(fit.with_fitted(settings, static.fit, fitted), static))
         obj, phase = transmission(params, static)
         regs = regularizers.regularizer_values(obj, phase, params.probe / static.n_px, settings.regularizers.tv_eps)
         data_loss = jnp.mean(data_terms)
         stats = Stats(loss=data_loss + regularizers.weighted_sum(regs, settings.regularizers),
                       data_loss=data_loss, regularizers=regs)
-        return EngineState(params=params, opt=opt, iteration=it + 1, key=key), stats
+        return EngineState(params=params, opt=opt, iteration=it + 1, key=key, fitted=fitted, damping=damping,
+                           fit_damping=fit_damping), stats
 
     return iteration
+
+
+class Fitted(NamedTuple):
+    """Fitted optics at the solution: values (P,) in plan units, standard errors (P,) from the Schur
+    complement with the object (and free probe pixels), and those of θ alone (P,) for comparison."""
+
+    values: Any
+    stderr: Any
+    stderr_restricted: Any
+
+
+def _nuisance(params: Params, static: StaticConfig) -> dict:
+    """The variables correlated with the fitted optics: the object, and the probe pixels unless fitted."""
+    x = {"object_a": params.object_a, "object_b": params.object_b}
+    if not fit.fits_probe(static.fit):
+        x.update(probe_re=jnp.real(params.probe), probe_im=jnp.imag(params.probe))
+    return x
+
+
+def make_fisher(static: StaticConfig) -> Callable[[EngineState, Settings, EngineData], Fitted]:
+    """fisher(state, settings, data) -> Fitted: errors from the Fisher information (see recon.fit)."""
+    def fisher(state: EngineState, settings: Settings, data: EngineData) -> Fitted:
+        idx, w = _ordered_batches(static)
+        ne = fit.normal_equations(_fit_residual_fn(static, state.params, settings, data), state.fitted, idx, w)
+        schur = fit.reduce_system(_joint_residual_fn(static, state.params, settings, data),
+                                  _nuisance(state.params, static), state.fitted, ne, idx, w).schur
+        return Fitted(values=state.fitted, stderr=fit.standard_errors(static.noise_model, ne, schur),
+                      stderr_restricted=fit.standard_errors(static.noise_model, ne))
+
+    return fisher
 
 
 def make_heldout(static: StaticConfig) -> Callable[[EngineState, Settings, EngineData], Any]:
     """heldout(state, settings, data) -> mean noise-model loss on the held-out positions."""
     def heldout(state: EngineState, settings: Settings, data: EngineData):
+        settings = fit.with_fitted(settings, static.fit, state.fitted)
         drv = derive(settings, data, static)
         model = _model_intensities(state.params, static, drv, drv.heldout_positions_A)
         losses = noise.pattern_losses(static.noise_model, model, data.heldout_patterns, data.mask,
@@ -287,6 +521,7 @@ class Outputs(NamedTuple):
 def make_outputs(static: StaticConfig) -> Callable[[EngineState, Settings, EngineData], Outputs]:
     """outputs(state, settings, data) -> Outputs."""
     def outputs(state: EngineState, settings: Settings, data: EngineData) -> Outputs:
+        settings = fit.with_fitted(settings, static.fit, state.fitted)
         drv = derive(settings, data, static)
         obj, _ = transmission(state.params, static)
         return Outputs(object=obj.astype(jnp.complex64),
@@ -332,7 +567,8 @@ def make_batched(name: str, static: StaticConfig) -> Callable:
 # --------------------------------------------------------------------------- compilation cache
 
 _MAKERS: dict[str, Callable[[StaticConfig], Callable]] = {
-    "init": make_init, "iteration": make_iteration, "heldout": make_heldout, "outputs": make_outputs}
+    "init": make_init, "iteration": make_iteration, "heldout": make_heldout, "outputs": make_outputs,
+    "fisher": make_fisher}
 _COMPILED: dict[tuple, Any] = {}
 _COMPILE_LOCK = threading.Lock()
 

@@ -15,7 +15,7 @@ import numpy as np
 from . import optim
 from .data import Dataset, heldout_indices
 from .plan import Plan, PlanError, Schedule
-from .state import (AberrationSettings, ConstraintSettings, EngineData, Groups, OptimizerSettings,
+from .state import (AberrationSettings, ConstraintSettings, EngineData, EngineSettings, Groups, OptimizerSettings,
                     RegularizerWeights, ScheduleSettings, Settings)
 
 #: The optimised variable groups, in the order of `StaticConfig.optimizers`.
@@ -41,6 +41,8 @@ class StaticConfig:
     optimizers: tuple[str, str, str]
     aperture_supersample: int = 3
     object_supersample: int = 1
+    engine: str = "gradient"
+    fit: tuple[str, ...] = ()  # fitted optics as plan key paths, e.g. ("probe.defocus_A", "scan.rotation_deg")
 
     @property
     def window_px(self) -> int:
@@ -205,7 +207,22 @@ def build_settings(plan: Plan, optics: Optics) -> Settings:
         regularizers=RegularizerWeights(**{k: _f32(v) for k, v in plan.regularizers.model_dump().items()}),
         constraints=constraint_settings(plan.constraints),
         seed=_i32(plan.seed),
+        engine=engine_settings(plan.engine),
     )
+
+
+def engine_settings(e) -> EngineSettings:
+    """The traced step parameters of a plan's `engine` section."""
+    return EngineSettings(alpha=_f32(e.alpha), beta=_f32(e.beta), lsqml_step=_f32(e.lsqml_step),
+                          lsqml_delta=_f32(e.lsqml_delta), damping=_f32(e.damping),
+                          cg_iterations=_i32(e.cg_iterations), fit_damping=_f32(e.fit_damping),
+                          fit_cg_iterations=_i32(e.fit_cg_iterations), fit_start=_i32(e.fit_start))
+
+
+def fitted_keys(plan: Plan) -> tuple[str, ...]:
+    """The fitted optics as plan key paths (probe.defocus_A, probe.aberrations.C12_A, scan.rotation_deg)."""
+    probe = tuple(f"probe.{k}" if k == "defocus_A" else f"probe.aberrations.{k}" for k in plan.probe.fit)
+    return tuple(dict.fromkeys(probe + tuple(f"scan.{k}" for k in plan.scan.fit)))
 
 
 # --------------------------------------------------------------------------- data
@@ -246,7 +263,8 @@ def lower(plan: Plan, dataset: Dataset) -> Lowered:
         n_batches=math.ceil(len(fit) / batch), modes=plan.probe.modes, slices=plan.object.slices,
         object_shape=grid.shape, noise_model=plan.noise_model.name, parameterization=plan.object.parameterization,
         optimizers=tuple(getattr(plan.optimizers, g).name for g in OPTIMIZED),
-        aperture_supersample=plan.probe.aperture_supersample, object_supersample=plan.object.supersample)
+        aperture_supersample=plan.probe.aperture_supersample, object_supersample=plan.object.supersample,
+        engine=plan.engine.name, fit=fitted_keys(plan))
     nominal_step = 1.0 if dataset.positions_in_steps else (
         dataset.scan_step_A if dataset.scan_step_A is not None else optics.scan_step_A)
     return Lowered(plan, optics, grid, static, build_settings(plan, optics),

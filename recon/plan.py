@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 
 class PlanError(ValueError):
@@ -148,6 +149,10 @@ class Aberrations(_Frozen):
     phi56_deg: float = 0.0
 
 
+#: Probe optics that `probe.fit` may list: defocus and every aberration coefficient and angle.
+PROBE_FIT_KEYS = Literal[("defocus_A", *Aberrations.model_fields)]
+
+
 class ProbeSpec(_Frozen):
     """Illumination. Values left null are read from the data file's attributes."""
 
@@ -161,6 +166,8 @@ class ProbeSpec(_Frozen):
     modes: int = Field(1, ge=1, le=16)
     main_mode_fraction: float = Field(0.8, gt=0, le=1, description="power in mode 0; the rest is split evenly")
     tilt_mrad: tuple[float, float] = (0.0, 0.0)
+    fit: tuple[PROBE_FIT_KEYS, ...] = Field((), description="optics fitted with the object (the probe is "
+                                                     "then aberration-parameterised); each value above is the start")
 
 
 class DetectorSpec(_Frozen):
@@ -175,6 +182,7 @@ class ScanSpec(_Frozen):
     step_A: float | None = Field(None, gt=0, description="scan step; null: from the data")
     rotation_deg: float = 0.0
     affine: tuple[float, float, float, float] = Field((1.0, 0.0, 0.0, 1.0), description="(yy, yx, xy, xx)")
+    fit: tuple[Literal["rotation_deg"], ...] = Field((), description="scan geometry fitted with the object")
 
 
 class ObjectSpec(_Frozen):
@@ -284,6 +292,38 @@ class Constraints(_Frozen):
     position_recentering: Schedule = Schedule(enabled=True)
 
 
+# --------------------------------------------------------------------------- engines
+ENGINES = ("gradient", "epie", "rpie", "lsqml", "gauss_newton")
+#: Noise models each engine's update is defined for (the projection engines: the modulus projection
+#: for amplitude noise, a Poisson-likelihood step for Poisson noise; recon.epie.exit_wave_target).
+ENGINE_NOISE_MODELS = {"gradient": ("amplitude", "anscombe", "poisson", "intensity"),
+                       "epie": ("amplitude", "poisson"), "rpie": ("amplitude", "poisson"),
+                       "lsqml": ("amplitude", "poisson"),
+                       "gauss_newton": ("amplitude", "anscombe", "poisson", "intensity")}
+
+
+class EngineSpec(_Frozen):
+    """The reconstruction algorithm and its step parameters (every number is traced: tuning never recompiles)."""
+
+    name: Literal[ENGINES] = "gradient"
+    alpha: float = Field(1.0, ge=0, le=1, description="epie: object step; rpie: object regularisation α "
+                         "(1 = ePIE's max-illumination normalisation)")
+    beta: float = Field(1.0, ge=0, le=1, description="epie: probe step; rpie: probe regularisation β")
+    lsqml_step: float = Field(0.9, gt=0, le=2, description="lsqml: fraction of the optimal step taken")
+    lsqml_delta: float = Field(0.1, ge=0, description="lsqml: preconditioner regularisation δ, relative to "
+                               "the maximum illumination")
+    damping: float = Field(1.0e-2, gt=0, description="gauss_newton: initial Levenberg-Marquardt λ, relative to "
+                           "each variable group's curvature (then adapted)")
+    cg_iterations: int = Field(4, ge=1, le=100, description="gauss_newton: conjugate-gradient iterations per step "
+                               "(a traced loop bound)")
+    fit_damping: float = Field(1.0e-3, gt=0, description="fitted optics: initial Marquardt λ of their joint "
+                               "Gauss-Newton step (then adapted)")
+    fit_cg_iterations: int = Field(30, ge=1, le=1000, description="fitted optics: CG iterations eliminating the "
+                                   "object from that step (a traced loop bound)")
+    fit_start: int = Field(10, ge=0, description="fitted optics: iteration from which they move (the object "
+                           "forms first with the starting optics)")
+
+
 # --------------------------------------------------------------------------- the plan
 class Plan(_Frozen):
     """One reconstruction: data, optics, object model, loss and optimisation."""
@@ -301,6 +341,28 @@ class Plan(_Frozen):
     regularizers: Regularizers = Regularizers()
     constraints: Constraints = Constraints()
     divergence_factor: float = Field(1.0e3, gt=1, description="stop when the loss exceeds its first value × this")
+    engine: EngineSpec = EngineSpec()
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_defines(cls, engine: EngineSpec, info: ValidationInfo) -> EngineSpec:
+        """What the chosen engine does not define: one line naming the plan key."""
+        if engine.name == "gradient":
+            return engine
+        noise = info.data.get("noise_model")
+        if noise is not None and noise.name not in ENGINE_NOISE_MODELS[engine.name]:
+            raise ValueError(f"engine {engine.name} does not define noise_model.name {noise.name!r}; allowed with "
+                             f"it: {', '.join(ENGINE_NOISE_MODELS[engine.name])}")
+        regs = info.data.get("regularizers")
+        used = [k for k, v in (regs.model_dump() if regs is not None else {}).items() if k != "tv_eps" and v > 0]
+        if used:
+            raise ValueError(f"engine {engine.name} does not use regularizers.{used[0]} (only the gradient "
+                             f"engine does); set it to 0")
+        opts = info.data.get("optimizers")
+        if opts is not None and opts.positions.learning_rate > 0:
+            raise ValueError(f"engine {engine.name} does not refine positions "
+                             f"(optimizers.positions.learning_rate); set it to 0")
+        return engine
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -43,6 +43,8 @@ class Result:
     compile_s: float = 0.0
     run_s: float = 0.0
     preprocessing: dict = field(default_factory=dict)  # what recon.preprocess did to the patterns (Dataset)
+    fitted: dict[str, float] = field(default_factory=dict)         # plan key path → fitted value (plan units)
+    fitted_stderr: dict[str, float] = field(default_factory=dict)  # plan key path → standard error (Fisher)
 
     @property
     def phase(self) -> np.ndarray:
@@ -78,6 +80,9 @@ class Result:
         f["heldout_indices"] = np.asarray(self.heldout_indices, np.int64)
         for name, values in self.history.items():
             f[f"history/{name}"] = np.asarray(values)
+        for group in ("fitted", "fitted_stderr"):
+            for name, value in getattr(self, group).items():
+                f[f"{group}/{name}"] = float(value)
         f.attrs["dx_A"] = float(self.dx_A)
         f.attrs["origin_yx_A"] = np.asarray(self.origin_yx_A, np.float64)
         f.attrs["plan"] = self.plan.to_yaml()
@@ -130,8 +135,14 @@ def load_result(path: str | Path) -> Result:
                 heldout_indices=f["heldout_indices"][()], heldout_loss=float(a["heldout_loss"]),
                 final_data_loss=float(a["final_data_loss"]), compile_s=float(a["compile_s"]), run_s=float(a["run_s"]),
                 preprocessing=json.loads(a.get("preprocessing", "{}")),
+                fitted=_scalars(f, "fitted"), fitted_stderr=_scalars(f, "fitted_stderr"),
             )
     except OSError as err:
         raise PlanError(f"{path}: cannot read result file ({err})") from None
     except KeyError as err:
         raise PlanError(f"{path}: not a ptytune result file (missing {err.args[0]})") from None
+
+
+def _scalars(f: h5py.File, group: str) -> dict[str, float]:
+    """{name: float} of a group of scalar datasets (empty when the file has none)."""
+    return {k: float(v[()]) for k, v in f[group].items()} if group in f else {}

@@ -94,7 +94,7 @@ def resume_state(state: EngineState, previous: Result, low: Lowered) -> EngineSt
 
 
 def _result(low: Lowered, track: _Track, out: engine.Outputs, iterations_done: int, heldout_loss: float,
-            compile_s: float, run_s: float, preprocessing: dict) -> Result:
+            compile_s: float, run_s: float, preprocessing: dict, fitted: engine.Fitted | None = None) -> Result:
     """The Result of one reconstruction from its host-side outputs."""
     positions = np.zeros((len(low.fit_indices) + len(low.heldout_indices), 2))
     positions[low.fit_indices] = out.positions_yx_A
@@ -109,7 +109,9 @@ def _result(low: Lowered, track: _Track, out: engine.Outputs, iterations_done: i
         converged=not track.diverged and _flat(hist.get("loss")), stop_reason=track.stop_reason,
         heldout_indices=low.heldout_indices, heldout_loss=heldout_loss,
         final_data_loss=float(hist["data_loss"][-1]) if "data_loss" in hist else float("nan"),
-        compile_s=compile_s, run_s=run_s, preprocessing=preprocessing)
+        compile_s=compile_s, run_s=run_s, preprocessing=preprocessing,
+        fitted={k: float(v) for k, v in zip(low.static.fit, fitted.values)} if fitted else {},
+        fitted_stderr={k: float(v) for k, v in zip(low.static.fit, fitted.stderr)} if fitted else {})
 
 
 def _flat(loss: np.ndarray | None, window: int = 5, tolerance: float = 0.01) -> bool:
@@ -172,8 +174,13 @@ def reconstruct(plan: Plan, dataset: Dataset | None = None, callback: Callback |
         heldout, t_held = engine.compiled("heldout", static, state, settings, data)
         compile_s += t_held
         heldout_loss = float(heldout(state, settings, data))
+    fitted = None
+    if static.fit:
+        fisher, t_fisher = engine.compiled("fisher", static, state, settings, data)
+        compile_s += t_fisher
+        fitted = to_numpy(fisher(state, settings, data))
     out = to_numpy(outputs(state, settings, data))
-    return _result(low, track, out, done, heldout_loss, compile_s, run_s, dataset.preprocessing)
+    return _result(low, track, out, done, heldout_loss, compile_s, run_s, dataset.preprocessing, fitted)
 
 
 # --------------------------------------------------------------------------- K plans as one program
@@ -257,9 +264,14 @@ def reconstruct_batch(plans: Sequence[Plan], dataset: Dataset | None = None,
         heldout, t_held = engine.compiled("heldout", static, state, settings, data, batched=True)
         compile_s += t_held
         heldout_losses = np.asarray(heldout(state, settings, data), float)
+    fitted = None
+    if static.fit:
+        fisher, t_fisher = engine.compiled("fisher", static, state, settings, data, batched=True)
+        compile_s += t_fisher
+        fitted = to_numpy(fisher(state, settings, data))
     out = to_numpy(outputs(state, settings, data))
     return [_result(low, track, _lane(out, i), int(done[i]), float(heldout_losses[i]), compile_s, run_s,
-                    dataset.preprocessing)
+                    dataset.preprocessing, _lane(fitted, i) if fitted is not None else None)
             for i, (low, track) in enumerate(zip(lowered, tracks))]
 
 

@@ -120,6 +120,28 @@ class AberrationSettings(NamedTuple):
     phi56: Array
 
 
+class EngineSettings(NamedTuple):
+    """The reconstruction algorithm's step parameters (`plan.engine`), each () f32 unless noted.
+
+    alpha, beta: ePIE object/probe steps, rPIE object/probe regularisation; lsqml_step: fraction of
+    the LSQML optimal step; lsqml_delta: LSQML preconditioner regularisation (relative to the maximum
+    illumination); damping: initial Levenberg-Marquardt λ (relative); cg_iterations: () i32, the
+    traced bound of the conjugate-gradient loop; fit_damping: initial Marquardt λ of the fitted-optics
+    step; fit_cg_iterations: () i32, CG iterations of that step; fit_start: () i32, the iteration from
+    which the fitted optics move.
+    """
+
+    alpha: Array
+    beta: Array
+    lsqml_step: Array
+    lsqml_delta: Array
+    damping: Array
+    cg_iterations: Array
+    fit_damping: Array
+    fit_cg_iterations: Array
+    fit_start: Array
+
+
 class Settings(NamedTuple):
     """Every tunable number of a plan. Scalars are () arrays; units in the names.
 
@@ -148,6 +170,7 @@ class Settings(NamedTuple):
     regularizers: RegularizerWeights
     constraints: ConstraintSettings
     seed: Array
+    engine: EngineSettings
 
 
 # --------------------------------------------------------------------------- data (shared, read-only)
@@ -194,12 +217,18 @@ class Params(NamedTuple):
 
 class EngineState(NamedTuple):
     """What one iteration hands to the next: parameters, optax states per group, iteration () i32
-    (iterations done), and the PRNG key (2,) u32 that shuffles the mini-batches."""
+    (iterations done), and the PRNG key (2,) u32 that shuffles the mini-batches; fitted: (P,) f32 the
+    fitted optics in plan units (`StaticConfig.fit` order, P = 0 without fitting); damping: () f32
+    the Levenberg-Marquardt λ carried by the gauss_newton engine; fit_damping: () f32 that of the
+    fitted optics' step."""
 
     params: Params
     opt: Groups[Any]
     iteration: Array
     key: Array
+    fitted: Array
+    damping: Array
+    fit_damping: Array
 
 
 class Stats(NamedTuple):

@@ -126,6 +126,9 @@ class Objective:
             stop_reason=result.stop_reason, compile_count=recon.compile_count(), compiled=compiled))
         if batch is not None:
             write(trial, TrialRecord(batch=batch.batch_id, batch_size=batch.size, batch_share=batch.share))
+        if result.fitted:  # fitted optics (probe.fit, scan.fit) with their Fisher standard errors
+            write(trial, TrialRecord(fitted={k: {"value": v, "stderr": result.fitted_stderr.get(k)}
+                                             for k, v in result.fitted.items()}))
         artifacts = {"curves_csv": self._save_curves(trial, result)}
         write(trial, TrialRecord(artifacts=artifacts))
         if result.diverged:

@@ -35,6 +35,8 @@ class TrialRecord(BaseModel):
     compiled: int | None = Field(None, description="programs compiled during this trial")
     iterations_done: int | None = None
     stop_reason: str | None = None
+    fitted: dict[str, dict[str, float | None]] = Field(
+        {}, description="fitted optics: {plan key: {value, stderr}} (probe.fit, scan.fit)")
     batch: str | None = Field(None, description="batched trials: the batch it ran in (host:pid:n)")
     batch_size: int | None = Field(None, description="trials in that batch's program")
     batch_share: float | None = Field(None, description="its share of the batch's run time (iterations)")

@@ -39,6 +39,8 @@ def run_plan(path: Path, iterations: int | None = None, data: str | None = None,
     target = result.save(out or default_result_path(path))
     print(f"{result.iterations_done} iterations ({result.stop_reason}); compile {result.compile_s:.1f} s, "
           f"run {result.run_s:.1f} s; final data loss {result.final_data_loss:.6g}; saved {target}")
+    for key, value in result.fitted.items():
+        print(f"fitted {key} = {value:.6g} ± {result.fitted_stderr.get(key, math.nan):.2g}")
     if result.diverged:
         print(f"warning: the reconstruction diverged: {result.stop_reason}")
         return 1

@@ -1,0 +1,117 @@
+"""Fitted optics and their Fisher standard errors: the linear algebra against a dense computation, the
+Poisson whitening, a fit on simulated data (fast) and the 2σ coverage over noise realisations (slow)."""
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import recon
+from recon import fit
+from recon import gauss_newton as gn
+from recon.plan import apply_overrides, plan_from_dict
+
+_spec = importlib.util.spec_from_file_location(
+    "fisher_calibration", Path(__file__).parents[1] / "benchmarks" / "fisher_calibration.py")
+calibration = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(calibration)
+
+SMALL = calibration.SPEC.model_copy(update={"scan_shape": (8, 8)})
+
+
+def _toy(seed=0, rows=40):
+    """A small nonlinear residual r(x, θ, idx) -> (B, 1, 1) with x = {a: (5,), b: (3,)}, θ (2,)."""
+    rng = np.random.default_rng(seed)
+    m = jnp.asarray(rng.normal(size=(rows, 10)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=rows), jnp.float32)
+
+    def residual_fn(x, theta, idx):
+        v = jnp.concatenate([x["a"], x["b"], theta])
+        return (jnp.tanh(m[idx] @ v) + 0.1 * (m[idx] @ v) ** 2 - y[idx])[:, None, None]
+
+    x = {"a": jnp.asarray(rng.normal(size=5) * 0.3, jnp.float32), "b": jnp.asarray(rng.normal(size=3) * 0.3, jnp.float32)}
+    theta = jnp.asarray([0.2, -0.1], jnp.float32)
+    idx = jnp.arange(rows).reshape(4, rows // 4)
+    return residual_fn, x, theta, idx, jnp.ones(idx.shape, jnp.float32)
+
+
+def test_schur_complement_and_joint_step_match_the_dense_computation():
+    residual_fn, x, theta, idx, w = _toy()
+    ne = fit.normal_equations(lambda t, i: residual_fn(x, t, i), theta, idx, w)
+    reduced = fit.reduce_system(residual_fn, x, theta, ne, idx, w, iterations=50)
+
+    def flat(v):
+        return jnp.concatenate([residual_fn({"a": v[:5], "b": v[5:8]}, v[8:], i).ravel() for i in idx])
+
+    v0 = jnp.concatenate([x["a"], x["b"], theta])
+    jac = np.asarray(jax.jacfwd(flat)(v0), np.float64)
+    info = jac.T @ jac
+    fxx, fxt, ftt = info[:8, :8], info[:8, 8:], info[8:, 8:]
+    schur = ftt - fxt.T @ np.linalg.solve(fxx, fxt)
+    np.testing.assert_allclose(np.asarray(reduced.schur), schur, rtol=2e-3, atol=1e-4 * np.abs(schur).max())
+    np.testing.assert_allclose(np.asarray(ne.A), ftt, rtol=1e-4)
+    # the joint Gauss-Newton step without damping equals the dense solve of the full normal equations
+    new_theta, new_x = fit.joint_step(reduced, theta, x, 0.0)
+    step = -np.linalg.solve(info, jac.T @ np.asarray(flat(v0), np.float64))
+    np.testing.assert_allclose(np.asarray(new_theta - theta), step[8:], rtol=5e-3, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(new_x["a"] - x["a"]), step[:5], rtol=5e-3, atol=1e-5)
+    # errors: the Schur complement's are larger than those of θ alone
+    full = fit.standard_errors("poisson", ne, reduced.schur)
+    alone = fit.standard_errors("poisson", ne)
+    np.testing.assert_allclose(np.asarray(full), np.sqrt(np.diag(np.linalg.inv(info)))[8:], rtol=5e-3)
+    assert np.all(np.asarray(full) >= np.asarray(alone))
+
+
+def test_poisson_whitening_gives_the_poisson_fisher_information():
+    mu = jnp.asarray([[[4.0, 9.0], [1.0, 25.0]]])
+    y = jnp.asarray([[[5.0, 7.0], [0.0, 30.0]]])
+    mask = jnp.ones((2, 2))
+    r, jvp = jax.linearize(lambda m: gn.residuals("poisson", m, y, mask, 1e-6, 1.0), mu)
+    d_mu = jnp.asarray([[[1.0, 2.0], [0.5, -1.0]]])
+    np.testing.assert_allclose(np.sum(np.asarray(jvp(d_mu)) ** 2), np.sum(d_mu**2 / mu), rtol=1e-6)  # Σ(∂μ)²/μ
+    np.testing.assert_allclose(np.asarray(r), (mu - y) / np.sqrt(mu), rtol=1e-6)
+
+
+def test_with_fitted_replaces_the_fitted_settings(tiny_plan_dict):
+    plan = plan_from_dict(apply_overrides(tiny_plan_dict, {"probe.fit": ["defocus_A", "C12_A", "phi12_deg"],
+                                                           "scan.fit": ["rotation_deg"], "probe.defocus_A": -90.0,
+                                                           "probe.aberrations.C12_A": 5.0}))
+    low = recon.lower.lower(plan, recon.load_dataset(plan.data))
+    assert low.static.fit == ("probe.defocus_A", "probe.aberrations.C12_A", "probe.aberrations.phi12_deg",
+                              "scan.rotation_deg")
+    theta = fit.initial_values(low.settings, low.static.fit)
+    np.testing.assert_allclose(np.asarray(theta), [-90.0, 5.0, 0.0, 0.0])
+    s = fit.with_fitted(low.settings, low.static.fit, jnp.asarray([-50.0, 7.0, 30.0, 2.0]))
+    assert float(s.defocus_A) == -50 and float(s.aberrations.C12) == 7 and float(s.aberrations.phi12) == 30
+    assert float(s.rotation_deg) == 2 and float(s.aberrations.C30) == float(low.settings.aberrations.C30)
+
+
+def _fit(tmp_path, seed, iterations, spec=SMALL):
+    clean, positions = calibration.clean_patterns(spec)
+    data = calibration.write_realisation(tmp_path, clean, positions, 1e4 * spec.scan_step_A**2, seed)
+    plan = plan_from_dict(calibration.fit_plan(data, "gauss_newton", iterations, spec))
+    return recon.reconstruct(plan)
+
+
+def test_fitted_optics_approach_the_truth_and_are_saved(tmp_path):
+    result = _fit(tmp_path, seed=0, iterations=30)
+    assert set(result.fitted) == set(calibration.TRUTH) == set(result.fitted_stderr)
+    for key, true in calibration.TRUTH.items():
+        start, value, sigma = calibration.START[key], result.fitted[key], result.fitted_stderr[key]
+        assert 0 < sigma < abs(start - true) / 2, key
+        assert abs(value - true) < 3.5 * sigma, key
+    loaded = recon.load_result(result.save(tmp_path / "r.h5"))
+    assert loaded.fitted == pytest.approx(result.fitted) and loaded.fitted_stderr == pytest.approx(result.fitted_stderr)
+    plain = plan_from_dict(apply_overrides(result.plan.model_dump(mode="json"),
+                                           {"iterations": 1, "probe.fit": [], "scan.fit": []}))
+    assert recon.load_result(recon.reconstruct(plain).save(tmp_path / "plain.h5")).fitted == {}
+
+
+@pytest.mark.slow
+def test_two_sigma_coverage_over_noise_realisations(tmp_path):
+    fits = [_fit(tmp_path, seed, 60, calibration.SPEC) for seed in range(20)]
+    cover = calibration.coverage([{"fitted": r.fitted, "fitted_stderr": r.fitted_stderr} for r in fits])
+    for key in ("probe.defocus_A", "probe.aberrations.C12_A", "scan.rotation_deg"):
+        assert cover[key]["coverage_2sigma"] >= 0.9, (key, cover[key])
