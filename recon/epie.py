@@ -12,7 +12,8 @@ several slices they back-propagate through the slices (the normalisations then u
 illumination for every slice). All positions of a mini-batch update simultaneously:
 
     ePIE: O −= α d_O / max(Σ_b |P_b|²),                     P −= β d_P / max(Σ_b |O_b|²)
-    rPIE: O −= d_O / ((1−α) Σ_b|P_b|² + α max Σ_b|P_b|²),   P −= d_P / ((1−β) Σ_b|O_b|² + β max Σ_b|O_b|²)
+    rPIE: O −= d_O / ((1−α) Σ_b|P_b|² + α max Σ_b|P_b|²),
+          P −= d_P / ((1−β) Σ_b|O_b|² + β max Σ_b|O_b|²)
 
 With S slices each slice's object step is divided by S (the exit wave changes by the sum of the
 slices' changes; full steps on 13 slices diverged at the first iteration on sto_10nm).

@@ -31,7 +31,8 @@ def _toy(seed=0, rows=40):
         v = jnp.concatenate([x["a"], x["b"], theta])
         return (jnp.tanh(m[idx] @ v) + 0.1 * (m[idx] @ v) ** 2 - y[idx])[:, None, None]
 
-    x = {"a": jnp.asarray(rng.normal(size=5) * 0.3, jnp.float32), "b": jnp.asarray(rng.normal(size=3) * 0.3, jnp.float32)}
+    x = {"a": jnp.asarray(rng.normal(size=5) * 0.3, jnp.float32),
+         "b": jnp.asarray(rng.normal(size=3) * 0.3, jnp.float32)}
     theta = jnp.asarray([0.2, -0.1], jnp.float32)
     idx = jnp.arange(rows).reshape(4, rows // 4)
     return residual_fn, x, theta, idx, jnp.ones(idx.shape, jnp.float32)
