@@ -93,10 +93,13 @@ def main() -> int:
     parser.add_argument("--sto-iterations", type=int, default=20)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--datasets", default="mos2_1l,sto_10nm", help="which of the two to run")
     args = parser.parse_args()
     paths = {"mos2_1l": args.mos2, "sto_10nm": args.sto}
     rows = []
     for dataset_name, plan_dict in base_plans(args).items():
+        if dataset_name not in args.datasets.split(","):
+            continue
         scorer = metrics.Scorer(metrics.GroundTruth.from_h5(paths[dataset_name]))
         for engine in args.engines.split(","):
             rows += run(dataset_name, plan_dict, engine, args.every, scorer)

@@ -12,7 +12,11 @@ several slices they back-propagate through the slices (the normalisations then u
 illumination for every slice). All positions of a mini-batch update simultaneously:
 
     ePIE: O −= α d_O / max(Σ_b |P_b|²),                     P −= β d_P / max(Σ_b |O_b|²)
-    rPIE: O −= d_O / ((1−α) Σ_b|P_b|² + α max Σ_b|P_b|²),   P −= d_P / ((1−β) Σ_b|O_b|² + β max Σ_b|O_b|²)
+    rPIE: O −= d_O / ((1−α) Σ_b|P_b|² + α max Σ_b|P_b|²),
+          P −= d_P / ((1−β) Σ_b|O_b|² + β max Σ_b|O_b|²)
+
+With S slices each slice's object step is divided by S (the exit wave changes by the sum of the
+slices' changes; full steps on 13 slices diverged at the first iteration on sto_10nm).
 
 Σ_b |P_b|² is the batch's illumination scattered on the object grid and Σ_b |O_b|² the object's
 intensity in each probe window (product over slices).
@@ -100,6 +104,7 @@ def pie_update(d: Directions, obj, probe, alpha, beta, regularized: bool, probe_
         peak = jnp.max(power)
         return ((1.0 - weight) * power + weight * peak) if regularized else peak / jnp.maximum(weight, 1e-30)
 
-    obj = obj - d.d_object / jnp.maximum(denominator(d.illumination, alpha), 1e-30)
+    slices = obj.shape[0]  # the exit wave changes by the sum of the slices' changes: share the step
+    obj = obj - d.d_object / (slices * jnp.maximum(denominator(d.illumination, alpha), 1e-30))
     step_p = d.d_probe / jnp.maximum(denominator(d.object_intensity, beta), 1e-30)
     return obj, probe - jnp.where(probe_on, 1.0, 0.0) * step_p

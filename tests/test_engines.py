@@ -126,6 +126,7 @@ def test_a_study_searches_the_engine_and_its_parameters(tmp_path):
     assert dists["engine.alpha"] == FloatDistribution(0.05, 1.0)
     assert dists["engine.damping"] == FloatDistribution(1e-4, 1.0, log=True)
     assert dists["engine.cg_iterations"] == IntDistribution(1, 8)
-    path.write_text(path.read_text().replace("recon: {iterations: 3}", "recon: {iterations: 3, noise_model: {name: anscombe}}"))
+    path.write_text(path.read_text().replace("recon: {iterations: 3}",
+                                             "recon: {iterations: 3, noise_model: {name: anscombe}}"))
     with pytest.raises(PlanError, match="noise_model.name 'anscombe'"):
         load_study(path)
