@@ -453,6 +453,7 @@ def _tune(*args: str) -> subprocess.CompletedProcess:
                           cwd=Path(__file__).resolve().parents[1])
 
 
+@pytest.mark.slow  # subprocess CLI runs / a fit of 60 iterations
 def test_cli_inspect_init_and_bad_input(mib, tmp_path):
     path, dp = mib
     r = _tune("inspect", str(path))

@@ -96,6 +96,7 @@ def _fit(tmp_path, seed, iterations, spec=SMALL):
     return recon.reconstruct(plan)
 
 
+@pytest.mark.slow  # subprocess CLI runs / a fit of 60 iterations
 def test_fitted_optics_approach_the_truth_and_are_saved(tmp_path):
     result = _fit(tmp_path, seed=0, iterations=30)
     assert set(result.fitted) == set(calibration.TRUTH) == set(result.fitted_stderr)
