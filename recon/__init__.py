@@ -7,7 +7,8 @@ from .data import Dataset, load_dataset
 from .engine import compile_count
 from .plan import Plan, PlanError, load_plan, plan_from_dict
 from .result import Result, load_result
-from .run import Progress, reconstruct, reconstruct_batch, static_key
+from .lower import static_key
+from .run import Progress, reconstruct, reconstruct_batch
 
 __all__ = ["Dataset", "Plan", "PlanError", "Progress", "Result", "compile_count", "load_dataset", "load_plan",
            "load_result", "plan_from_dict", "reconstruct", "reconstruct_batch", "static_key"]

@@ -8,6 +8,7 @@ tunable number) and the `EngineData` arrays. Nothing else in the package convert
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -250,8 +251,23 @@ def build_data(dataset: Dataset, fit: np.ndarray, heldout: np.ndarray, nominal_s
 # --------------------------------------------------------------------------- the whole plan
 
 
-def lower(plan: Plan, dataset: Dataset) -> Lowered:
-    """Bind `plan` to `dataset`: optics, object grid, static configuration, settings and data."""
+@dataclass(frozen=True)
+class _Bound:
+    """The cheap part of lowering: everything but the settings and the data arrays."""
+
+    optics: Optics
+    grid: ObjectGrid
+    static: StaticConfig
+    fit: np.ndarray
+    heldout: np.ndarray
+    nominal_step_A: float
+
+    def key(self, plan: Plan) -> tuple:
+        """Plans with equal keys read the same data arrays (and can share one batched program)."""
+        return (self.static, self.nominal_step_A, plan.data)
+
+
+def _bind(plan: Plan, dataset: Dataset) -> _Bound:
     optics = resolve_optics(plan, dataset)
     n = len(dataset.patterns)
     heldout = heldout_indices(n, plan.data.heldout_fraction, plan.data.heldout_seed)
@@ -267,8 +283,34 @@ def lower(plan: Plan, dataset: Dataset) -> Lowered:
         engine=plan.engine.name, fit=fitted_keys(plan))
     nominal_step = 1.0 if dataset.positions_in_steps else (
         dataset.scan_step_A if dataset.scan_step_A is not None else optics.scan_step_A)
-    return Lowered(plan, optics, grid, static, build_settings(plan, optics),
-                   build_data(dataset, fit, heldout, nominal_step), fit, heldout)
+    return _Bound(optics, grid, static, fit, heldout, float(nominal_step))
+
+
+def static_key(plan: Plan, dataset: Dataset) -> tuple:
+    """What decides whether two plans can share one batched program: static configuration and data
+    (computed without building the data arrays)."""
+    return _bind(plan, dataset).key(plan)
+
+
+def lower(plan: Plan, dataset: Dataset) -> Lowered:
+    """Bind `plan` to `dataset`: optics, object grid, static configuration, settings and data."""
+    b = _bind(plan, dataset)
+    return Lowered(plan, b.optics, b.grid, b.static, build_settings(plan, b.optics),
+                   build_data(dataset, b.fit, b.heldout, b.nominal_step_A), b.fit, b.heldout)
+
+
+def lower_batch(plans: Sequence[Plan], dataset: Dataset) -> list[Lowered]:
+    """Lower K plans on one dataset, building the data arrays once for all of them (they must share a
+    `static_key`: a batched program reads one copy of the data)."""
+    bound = [_bind(p, dataset) for p in plans]
+    keys = {b.key(p) for b, p in zip(bound, plans)}
+    if len(keys) > 1:
+        raise PlanError("reconstruct_batch: plans differ in shapes, named choices or data (static configuration); "
+                        "group them with recon.static_key first")
+    first = bound[0]
+    data = build_data(dataset, first.fit, first.heldout, first.nominal_step_A)
+    return [Lowered(p, b.optics, b.grid, b.static, build_settings(p, b.optics), data, b.fit, b.heldout)
+            for p, b in zip(plans, bound)]
 
 
 # --------------------------------------------------------------------------- cost model

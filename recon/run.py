@@ -17,7 +17,7 @@ import numpy as np
 
 from . import engine, physics
 from .data import Dataset, load_dataset
-from .lower import Lowered, ObjectGrid, lower
+from .lower import Lowered, ObjectGrid, lower, lower_batch
 from .plan import Plan, PlanError
 from .result import Result
 from .state import EngineState, to_numpy
@@ -193,25 +193,6 @@ def _stack(trees: Sequence) -> object:
 
 def _lane(tree, i: int):
     return jax.tree_util.tree_map(lambda x: x[i], tree)
-
-
-def lower_batch(plans: Sequence[Plan], dataset: Dataset) -> list[Lowered]:
-    """Lower K plans on one dataset; they must share a StaticConfig and their data arrays."""
-    lowered = [lower(p, dataset) for p in plans]
-    first = lowered[0]
-    for low in lowered[1:]:
-        if low.static != first.static:
-            raise PlanError("reconstruct_batch: plans differ in shapes or named choices (static configuration); "
-                            "group them with recon.static_key first")
-        if not all(np.array_equal(a, b) for a, b in zip(low.data, first.data)):
-            raise PlanError("reconstruct_batch: plans read different data arrays (data section or scan step)")
-    return lowered
-
-
-def static_key(plan: Plan, dataset: Dataset) -> tuple:
-    """What decides whether two plans can share one batched program: static configuration and data."""
-    low = lower(plan, dataset)
-    return (low.static, low.data.nominal_step_A.item(), plan.data)
 
 
 def reconstruct_batch(plans: Sequence[Plan], dataset: Dataset | None = None,
