@@ -13,7 +13,7 @@ import signal
 import pytest
 from optuna.trial import TrialState
 
-from tests.test_tune_workers import load, spawn, study_file, tune, wait_for_running_trial
+from test_tune_workers import load, sigterm_mid_trial, spawn, study_file, tune, wait_for_running_trial
 from tune import budget
 from tune.record import TrialRecord
 
@@ -93,15 +93,7 @@ def test_failing_trials_fail_alone_in_a_mixed_batch(tmp_path, tiny_data_path):
 def test_sigterm_requeues_the_whole_batch_and_sigkill_is_rerun(tmp_path, tiny_data_path):
     path = study_file(tmp_path, tiny_data_path, "stopbatch", 3, iterations=200)
     path.write_text(path.read_text().replace("grace_period_s: 2}", "grace_period_s: 2, trials_per_batch: 3}"))
-    worker = spawn("worker", str(path), "--index", "0", cwd=tmp_path)
-    try:
-        wait_for_running_trial(path, "stopbatch")
-        worker.send_signal(signal.SIGTERM)
-        output, _ = worker.communicate(timeout=60)
-    finally:
-        worker.kill()
-    assert worker.returncode == 128 + signal.SIGTERM, output
-    assert "Traceback" not in output
+    sigterm_mid_trial(path, "stopbatch", tmp_path)
     trials = load(path, "stopbatch").get_trials()
     stopped = [t for t in trials if t.state == TrialState.FAIL]
     queued = [t for t in trials if t.state == TrialState.WAITING]

@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from test_tune_postgres import local_postgres
 from tune import budget
 from tune.storage import STORAGE_EXIT_STATUS, open_storage
 from tune.study import storage_url
@@ -111,32 +111,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def postgres_server() -> Iterator[Server]:
-    from test_tune_postgres import _user_exists, free_port, server_binaries
-
-    bin_dir = server_binaries()
-    if bin_dir is None:
-        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
-    pytest.importorskip("psycopg2", reason="the PostgreSQL test needs psycopg2 (pip install -e '.[test]')")
-    root = Path(tempfile.mkdtemp(prefix="ptytune-pgfault-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        import pwd
-
-        entry = pwd.getpwnam("postgres" if _user_exists("postgres") else "nobody")
-        os.chown(root, entry.pw_uid, entry.pw_gid)
-        as_user = ["runuser", "-u", entry.pw_name, "--"]
-    data, port = root / "data", free_port()
-    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "tune", "--auth=trust", "-E", "UTF8",
-                    "--no-sync"], check=True, capture_output=True, timeout=120)
-    pg_ctl = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w",
-              "-o", f"-p {port} -k {root} -h 127.0.0.1 -F -c max_connections=200"]
-    subprocess.run([*pg_ctl, "start"], check=True, capture_output=True, timeout=120)
-    try:
-        yield Server(f"postgresql://tune@127.0.0.1:{port}/postgres", port, [*pg_ctl, "-m", "fast", "restart"])
-    finally:
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
+    with local_postgres("ptytune-pgfault-", "-c max_connections=200") as server:
+        yield Server(server.url, server.port, [*server.pg_ctl, "-m", "fast", "restart"])
 
 
 class Relay:

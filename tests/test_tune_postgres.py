@@ -6,6 +6,7 @@ PostgreSQL server binaries exist; .ci/run installs Debian's postgresql so CI alw
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -39,13 +41,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
+@dataclass(frozen=True)
+class LocalServer:
+    """A PostgreSQL server started by a test: its URL, port and `pg_ctl` command (as the server's user,
+    with its data folder, log and options) to which an action such as `restart` is appended."""
+
+    url: str
+    port: int
+    pg_ctl: list[str]
+
+
+@contextlib.contextmanager
+def local_postgres(prefix: str, options: str = "") -> Iterator[LocalServer]:
+    """initdb + pg_ctl start in a temporary folder (as an unprivileged user when run as root, on a free
+    loopback port), stopped and removed afterwards; skips the test without server binaries or psycopg2."""
     bin_dir = server_binaries()
     if bin_dir is None:
         pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
     pytest.importorskip("psycopg2", reason="the PostgreSQL test needs psycopg2 (pip install -e '.[test]')")
-    root = Path(tempfile.mkdtemp(prefix="ptytune-pg-"))
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     as_user: list[str] = []
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
         user = "postgres" if _user_exists("postgres") else "nobody"
@@ -55,14 +69,21 @@ def postgres_url() -> Iterator[str]:
     data, port = root / "data", free_port()
     subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "tune", "--auth=trust",
                     "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=120)
-    subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w",
-                    "-o", f"-p {port} -k {root} -h 127.0.0.1 -F", "start"], check=True, capture_output=True, timeout=120)
+    pg_ctl = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w",
+              "-o", f"-p {port} -k {root} -h 127.0.0.1 -F {options}".rstrip()]
+    subprocess.run([*pg_ctl, "start"], check=True, capture_output=True, timeout=120)
     try:
-        yield f"postgresql://tune@127.0.0.1:{port}/postgres"
+        yield LocalServer(f"postgresql://tune@127.0.0.1:{port}/postgres", port, pg_ctl)
     finally:
         subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True, timeout=60)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    with local_postgres("ptytune-pg-") as server:
+        yield server.url
 
 
 def _user_exists(name: str) -> bool:

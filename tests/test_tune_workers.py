@@ -153,17 +153,24 @@ def test_sigkilled_worker_trial_is_rerun_with_the_same_parameters(tmp_path, tiny
     assert counts.finished == 6 and counts.complete == 6 and counts.requeued == 1 and counts.running == 0
 
 
-def test_sigterm_fails_the_trial_cleanly_and_requeues_it(tmp_path, tiny_data_path):
-    path = study_file(tmp_path, tiny_data_path, "stopped", 2, iterations=150)
-    worker = spawn("worker", str(path), "--index", "0", cwd=tmp_path)
+def sigterm_mid_trial(path: Path, name: str, cwd: Path) -> optuna.trial.FrozenTrial:
+    """Start worker 0, send it SIGTERM once a trial is mid-reconstruction; check it stopped cleanly
+    (status 143, no traceback). Returns that trial as it was then."""
+    worker = spawn("worker", str(path), "--index", "0", cwd=cwd)
     try:
-        victim = wait_for_running_trial(path, "stopped")
+        victim = wait_for_running_trial(path, name)
         worker.send_signal(signal.SIGTERM)
         output, _ = worker.communicate(timeout=60)
     finally:
         worker.kill()
     assert worker.returncode == 128 + signal.SIGTERM, output
     assert "Traceback" not in output
+    return victim
+
+
+def test_sigterm_fails_the_trial_cleanly_and_requeues_it(tmp_path, tiny_data_path):
+    path = study_file(tmp_path, tiny_data_path, "stopped", 2, iterations=150)
+    victim = sigterm_mid_trial(path, "stopped", tmp_path)
 
     trials = load(path, "stopped").get_trials()
     stopped = next(t for t in trials if t.number == victim.number)
