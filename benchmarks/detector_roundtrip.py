@@ -106,7 +106,7 @@ def main() -> int:
     common = {**parse_overrides(args.overrides), "iterations": args.iterations,
               "probe.energy_eV": attrs["energy_eV"], "probe.semiangle_mrad": attrs["semiangle_mrad"],
               "probe.defocus_A": attrs["defocus_A"], "data.positions": str(work / "positions.npy")}
-    scorer = metrics.Scorer(metrics.GroundTruth.from_h5(data))
+    scorer = metrics.build_scorer(data)
     detector = {**common, "data.crop_px": 64}
     plans = {"original": {**common, "data.path": data, "data.patterns": args.patterns},
              "empad": {**detector, "data.path": str(empad)},

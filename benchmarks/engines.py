@@ -100,7 +100,7 @@ def main() -> int:
     for dataset_name, plan_dict in base_plans(args).items():
         if dataset_name not in args.datasets.split(","):
             continue
-        scorer = metrics.Scorer(metrics.GroundTruth.from_h5(paths[dataset_name]))
+        scorer = metrics.build_scorer(paths[dataset_name])
         for engine in args.engines.split(","):
             rows += run(dataset_name, plan_dict, engine, args.every, scorer)
     print(table(rows))

@@ -36,7 +36,7 @@ def main() -> int:
     if args.iterations:
         overrides["iterations"] = args.iterations
     plan = recon.load_plan(args.plan, overrides=overrides)
-    scorer = metrics.Scorer(metrics.GroundTruth.from_h5(args.data))
+    scorer = metrics.build_scorer(args.data)
 
     def report(progress):
         if progress.iteration % args.every == 0:

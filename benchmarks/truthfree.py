@@ -210,14 +210,19 @@ def evaluate(trials: list[Trial], top_k: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_case(name: str, case: Case, args: argparse.Namespace) -> dict:
+def prepare_case(case: Case, args: argparse.Namespace) -> tuple[Path, dict, recon.Dataset, metrics.Scorer]:
+    """The output folder, the case's data section (its file simulated when the case says so), the
+    loaded dataset and the ground-truth scorer."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = {k: (v.format(data_dir=args.data_dir, out=out) if isinstance(v, str) else v) for k, v in case.data.items()}
     if case.simulate is not None:
         write_dataset(case.simulate, data["path"])
-    dataset = recon.load_dataset(trial_plan(case, {}, data, 1).data)
-    scorer = metrics.Scorer(metrics.GroundTruth.from_h5(data["path"]))
+    return out, data, recon.load_dataset(trial_plan(case, {}, data, 1).data), metrics.build_scorer(data["path"])
+
+
+def run_case(name: str, case: Case, args: argparse.Namespace) -> dict:
+    out, data, dataset, scorer = prepare_case(case, args)
     trials = [Trial(i, v) for i, v in enumerate(sample(case, args.trials, args.seed))]
     t0 = time.perf_counter()
     for t in trials:
@@ -241,13 +246,7 @@ def run_case(name: str, case: Case, args: argparse.Namespace) -> dict:
 
 def sweep(name: str, case: Case, args: argparse.Namespace) -> None:
     """Print every score along one setting, the others fixed at `--at` (and the base plan)."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = {k: (v.format(data_dir=args.data_dir, out=out) if isinstance(v, str) else v) for k, v in case.data.items()}
-    if case.simulate is not None:
-        write_dataset(case.simulate, data["path"])
-    dataset = recon.load_dataset(trial_plan(case, {}, data, 1).data)
-    scorer = metrics.Scorer(metrics.GroundTruth.from_h5(data["path"]))
+    _, data, dataset, scorer = prepare_case(case, args)
     key, _, values = args.sweep.partition("=")
     fixed = dict(item.split("=") for item in args.at)
     for value in values.split(","):
