@@ -535,8 +535,10 @@ def make_outputs(static: StaticConfig) -> Callable[[EngineState, Settings, Engin
 # --------------------------------------------------------------------------- batched programs
 
 
-def _keep_where(active, new, old):
-    """Per trial: the new value where `active` (K,) is true, else the old one."""
+def keep_where(active, new, old):
+    """Per trial: the new pytree's value where `active` (K,) is true, else the old one's."""
+    active = jnp.asarray(active)
+
     def pick(a, b):
         return jnp.where(active.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
 
@@ -558,7 +560,7 @@ def make_batched(name: str, static: StaticConfig) -> Callable:
 
         def iteration(state, settings, data, active):
             new_state, stats = vmapped(state, settings, data, batch_gates(state, settings, active))
-            return _keep_where(active, new_state, state), stats
+            return keep_where(active, new_state, state), stats
 
         return iteration
     return jax.vmap(single, in_axes=(0, 0, None))

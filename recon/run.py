@@ -230,7 +230,7 @@ def reconstruct_batch(plans: Sequence[Plan], dataset: Dataset | None = None,
         for i, track in enumerate(tracks):
             if active[i] and not track.record(_lane(stats, i).as_dict(), elapsed, int(done[i]) + 1):
                 bad[i] = True
-        state = _keep_lanes(new_state, state, active & ~bad)  # a diverged lane keeps its last finite state
+        state = engine.keep_where(active & ~bad, new_state, state)  # a diverged lane keeps its last finite state
         done = done + (active & ~bad)
         objects = _objects_once(outputs, state, settings, data)
         for i, track in enumerate(tracks):
@@ -254,12 +254,6 @@ def reconstruct_batch(plans: Sequence[Plan], dataset: Dataset | None = None,
     return [_result(low, track, _lane(out, i), int(done[i]), float(heldout_losses[i]), compile_s, run_s,
                     dataset.preprocessing, _lane(fitted, i) if fitted is not None else None)
             for i, (low, track) in enumerate(zip(lowered, tracks))]
-
-
-def _keep_lanes(new, old, keep: np.ndarray):
-    """The new state for lanes in `keep` (K,), the old one elsewhere."""
-    k = jnp.asarray(keep)
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(k.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
 
 
 def _objects_once(outputs, state, settings, data) -> Callable[[], np.ndarray]:
