@@ -121,7 +121,8 @@ def _flat(loss: np.ndarray | None, window: int = 5, tolerance: float = 0.01) -> 
     return bool(abs(loss[-1] - loss[-1 - window]) <= tolerance * abs(loss[-1 - window]))
 
 
-def _progress(iteration: int, stats: dict[str, float], grid: ObjectGrid, fetch: Callable[[], np.ndarray]) -> Progress:
+def _once(fetch: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    """`fetch`, called (a device-to-host copy) on the first call only."""
     cache: list[np.ndarray] = []
 
     def fetch_once() -> np.ndarray:
@@ -129,8 +130,12 @@ def _progress(iteration: int, stats: dict[str, float], grid: ObjectGrid, fetch: 
             cache.append(fetch())
         return cache[0]
 
+    return fetch_once
+
+
+def _progress(iteration: int, stats: dict[str, float], grid: ObjectGrid, fetch: Callable[[], np.ndarray]) -> Progress:
     return Progress(iteration=iteration, loss=stats["loss"], data_loss=stats["data_loss"], dx_A=grid.dx_A,
-                    origin_yx_A=grid.origin_yx_A, _fetch_object=fetch_once)
+                    origin_yx_A=grid.origin_yx_A, _fetch_object=_once(fetch))
 
 
 # --------------------------------------------------------------------------- one plan
@@ -232,7 +237,7 @@ def reconstruct_batch(plans: Sequence[Plan], dataset: Dataset | None = None,
                 bad[i] = True
         state = engine.keep_where(active & ~bad, new_state, state)  # a diverged lane keeps its last finite state
         done = done + (active & ~bad)
-        objects = _objects_once(outputs, state, settings, data)
+        objects = _once(lambda s=state: np.asarray(jax.device_get(outputs(s, settings, data).object)))  # (K, S, Y, X)
         for i, track in enumerate(tracks):
             if active[i] and not bad[i]:
                 track.notify(_progress(int(done[i]), _lane(stats, i).as_dict(), lowered[i].grid,
@@ -254,15 +259,3 @@ def reconstruct_batch(plans: Sequence[Plan], dataset: Dataset | None = None,
     return [_result(low, track, _lane(out, i), int(done[i]), float(heldout_losses[i]), compile_s, run_s,
                     dataset.preprocessing, _lane(fitted, i) if fitted is not None else None)
             for i, (low, track) in enumerate(zip(lowered, tracks))]
-
-
-def _objects_once(outputs, state, settings, data) -> Callable[[], np.ndarray]:
-    """Every trial's object (K, S, Y, X), copied from the device on the first call only."""
-    cache: list[np.ndarray] = []
-
-    def fetch() -> np.ndarray:
-        if not cache:
-            cache.append(np.asarray(jax.device_get(outputs(state, settings, data).object)))
-        return cache[0]
-
-    return fetch
