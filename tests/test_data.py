@@ -147,7 +147,8 @@ def test_generic_hdf5_dataset_path(tmp_path):
     assert d.patterns[:, 0, 0].tolist() == [1000.0 + i for i in d.indices]
 
 
-def _error(spec: DataSpec) -> str:
+def one_line_error(spec: DataSpec) -> str:
+    """The message of the PlanError that loading `spec` raises, checked to be one line."""
     with pytest.raises(PlanError) as err:
         load_dataset(spec)
     msg = str(err.value)
@@ -157,19 +158,19 @@ def _error(spec: DataSpec) -> str:
 
 def test_user_errors_are_one_line(native, tmp_path):
     p = str(native)
-    assert "file not found" in _error(DataSpec(path=str(tmp_path / "nope.h5")))
-    msg = _error(DataSpec(path=p, patterns="dp_noisy/dose_1e+07"))
+    assert "file not found" in one_line_error(DataSpec(path=str(tmp_path / "nope.h5")))
+    msg = one_line_error(DataSpec(path=p, patterns="dp_noisy/dose_1e+07"))
     assert "data.patterns" in msg and "dose_1e+05" in msg
-    msg = _error(DataSpec(path=p, patterns="nothing"))
+    msg = one_line_error(DataSpec(path=p, patterns="nothing"))
     assert "dp" in msg and "scan/" in msg and "ground_truth/" in msg
-    assert "data.crop_px" in _error(DataSpec(path=p, crop_px=16))
-    assert "divisors of 12" in _error(DataSpec(path=p, bin=5))
-    assert "data.subset.shape" in _error(DataSpec(path=p, subset=SubsetSpec(mode="center", shape=(6, 2))))
-    assert "data.subset.shape" in _error(DataSpec(path=p, subset=SubsetSpec(mode="center")))
-    assert "data.detector_mask" in _error(DataSpec(path=p, detector_mask="dp"))
+    assert "data.crop_px" in one_line_error(DataSpec(path=p, crop_px=16))
+    assert "divisors of 12" in one_line_error(DataSpec(path=p, bin=5))
+    assert "data.subset.shape" in one_line_error(DataSpec(path=p, subset=SubsetSpec(mode="center", shape=(6, 2))))
+    assert "data.subset.shape" in one_line_error(DataSpec(path=p, subset=SubsetSpec(mode="center")))
+    assert "data.detector_mask" in one_line_error(DataSpec(path=p, detector_mask="dp"))
     np.save(tmp_path / "pos.npy", np.zeros((7, 2)))
-    assert "(30, 2)" in _error(DataSpec(path=p, positions=str(tmp_path / "pos.npy")))
-    assert "data.scan_shape" in _error(DataSpec(path=p, scan_shape=(6, 5)))
+    assert "(30, 2)" in one_line_error(DataSpec(path=p, positions=str(tmp_path / "pos.npy")))
+    assert "data.scan_shape" in one_line_error(DataSpec(path=p, scan_shape=(6, 5)))
 
 
 def test_bad_values_and_shapes(tmp_path):
@@ -177,22 +178,22 @@ def test_bad_values_and_shapes(tmp_path):
     bad[0, 0, 0, :3] = np.nan
     bad[1, 1, 1, :2] = -1.0
     np.save(tmp_path / "nan.npy", bad)
-    assert "3 NaN/inf" in _error(DataSpec(path=str(tmp_path / "nan.npy")))
+    assert "3 NaN/inf" in one_line_error(DataSpec(path=str(tmp_path / "nan.npy")))
     np.save(tmp_path / "neg.npy", np.nan_to_num(bad))
-    assert "2 negative" in _error(DataSpec(path=str(tmp_path / "neg.npy")))
+    assert "2 negative" in one_line_error(DataSpec(path=str(tmp_path / "neg.npy")))
     np.save(tmp_path / "2d.npy", np.zeros((N, N)))
-    assert "4D" in _error(DataSpec(path=str(tmp_path / "2d.npy")))
+    assert "4D" in one_line_error(DataSpec(path=str(tmp_path / "2d.npy")))
     np.save(tmp_path / "stack.npy", np.zeros((30, N, N)))
-    assert "data.scan_shape" in _error(DataSpec(path=str(tmp_path / "stack.npy")))
-    assert "data.scan_shape" in _error(DataSpec(path=str(tmp_path / "stack.npy"), scan_shape=(4, 4)))
+    assert "data.scan_shape" in one_line_error(DataSpec(path=str(tmp_path / "stack.npy")))
+    assert "data.scan_shape" in one_line_error(DataSpec(path=str(tmp_path / "stack.npy"), scan_shape=(4, 4)))
     np.save(tmp_path / "pos.npy", np.zeros((30, 2)))
-    assert "'full'" in _error(DataSpec(path=str(tmp_path / "stack.npy"), positions=str(tmp_path / "pos.npy"),
+    assert "'full'" in one_line_error(DataSpec(path=str(tmp_path / "stack.npy"), positions=str(tmp_path / "pos.npy"),
                                        subset=SubsetSpec(mode="sub")))
     for name in ("text.txt", "fake.h5"):
         (tmp_path / name).write_text("hello")
-        assert "not an HDF5 file" in _error(DataSpec(path=str(tmp_path / name)))
+        assert "not an HDF5 file" in one_line_error(DataSpec(path=str(tmp_path / name)))
     (tmp_path / "fake.npy").write_text("hello")
-    assert "cannot read as .npy" in _error(DataSpec(path=str(tmp_path / "fake.npy")))
+    assert "cannot read as .npy" in one_line_error(DataSpec(path=str(tmp_path / "fake.npy")))
 
 
 def test_heldout_indices():

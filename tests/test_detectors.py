@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import recon
+from test_data import one_line_error
 from recon import detectors
 from recon.data import load_dataset
 from recon.detectors import write_empad, write_mib
@@ -45,14 +46,6 @@ def _disk_patterns(n_px: int, centre: tuple[float, float], counts: float = 40.0,
     expected = counts * disk + 0.3
     scale = 1.0 + 0.1 * np.arange(shape[0] * shape[1]).reshape(shape)[..., None, None] / (shape[0] * shape[1])
     return rng.poisson(expected * scale).astype(np.float32)
-
-
-def _one_line_error(spec: DataSpec) -> str:
-    with pytest.raises(PlanError) as info:
-        load_dataset(spec)
-    msg = str(info.value)
-    assert "\n" not in msg
-    return msg
 
 
 # --------------------------------------------------------------------------- EMPAD
@@ -109,22 +102,22 @@ def test_empad_plan_overrides_metadata_and_given_centre(empad):
 def test_empad_errors_name_the_file(empad, tmp_path):
     xml, dp = empad
     raw = xml.parent / f"scan_x{SX}_y{SY}.raw"
-    assert "data.scan_shape" in _one_line_error(DataSpec(path=str(xml), scan_shape=(4, 4)))
+    assert "data.scan_shape" in one_line_error(DataSpec(path=str(xml), scan_shape=(4, 4)))
     data = raw.read_bytes()
     raw.write_bytes(data[:-1000])                                      # cut inside the last frame
-    msg = _one_line_error(DataSpec(path=str(xml)))
+    msg = one_line_error(DataSpec(path=str(xml)))
     assert "truncated" in msg and str(raw) in msg
     raw.write_bytes(data[:-130 * 128 * 4])                             # a whole frame missing
-    msg = _one_line_error(DataSpec(path=str(xml)))
+    msg = one_line_error(DataSpec(path=str(xml)))
     assert "truncated" in msg and "29 frames" in msg
     raw.write_bytes(data + data[:130 * 128 * 4])                       # one frame too many
-    assert "data.scan_shape" in _one_line_error(DataSpec(path=str(xml)))
+    assert "data.scan_shape" in one_line_error(DataSpec(path=str(xml)))
     raw.unlink()
-    assert "missing" in _one_line_error(DataSpec(path=str(xml)))
+    assert "missing" in one_line_error(DataSpec(path=str(xml)))
     (tmp_path / "other.xml").write_text("<settings><a>1</a></settings>")
-    assert "EMPAD" in _one_line_error(DataSpec(path=str(tmp_path / "other.xml")))
+    assert "EMPAD" in one_line_error(DataSpec(path=str(tmp_path / "other.xml")))
     (tmp_path / "x.raw").write_bytes(b"\x00" * 16)
-    assert "EMPAD .xml" in _one_line_error(DataSpec(path=str(tmp_path / "x.raw")))
+    assert "EMPAD .xml" in one_line_error(DataSpec(path=str(tmp_path / "x.raw")))
 
 
 # --------------------------------------------------------------------------- Merlin MIB
@@ -166,7 +159,7 @@ def test_detector_positions_from_the_plan(mib, tmp_path):
 def test_mib_scan_shape_sources(mib, tmp_path):
     path, dp = mib
     path.with_suffix(".hdr").unlink()
-    msg = _one_line_error(DataSpec(path=str(path)))                    # 30 frames, not square, no .hdr
+    msg = one_line_error(DataSpec(path=str(path)))                    # 30 frames, not square, no .hdr
     assert str(path) in msg and "data.scan_shape" in msg
     d = load_dataset(DataSpec(path=str(path), scan_shape=(SY, SX), center="none", hot_pixels="none"))
     np.testing.assert_array_equal(np.fft.fftshift(d.patterns, axes=(-2, -1)), dp.reshape(-1, 32, 32))
@@ -179,18 +172,18 @@ def test_mib_errors_name_the_file(mib, tmp_path):
     path, dp = mib
     frame = 384 + 32 * 32 * 2
     data = path.read_bytes()
-    assert "data.scan_shape" in _one_line_error(DataSpec(path=str(path), scan_shape=(7, 4)))
+    assert "data.scan_shape" in one_line_error(DataSpec(path=str(path), scan_shape=(7, 4)))
     path.write_bytes(data[:-100])
-    msg = _one_line_error(DataSpec(path=str(path)))
+    msg = one_line_error(DataSpec(path=str(path)))
     assert "truncated" in msg and str(path) in msg
     path.write_bytes(data[:-frame])
-    msg = _one_line_error(DataSpec(path=str(path)))
+    msg = one_line_error(DataSpec(path=str(path)))
     assert "truncated" in msg and "29 frames" in msg
     path.write_bytes(data.replace(b",U16,", b",U12,"))
-    msg = _one_line_error(DataSpec(path=str(path)))
+    msg = one_line_error(DataSpec(path=str(path)))
     assert "unknown Merlin dtype 'U12'" in msg and str(path) in msg
     (tmp_path / "junk.mib").write_bytes(b"\x00" * 2000)
-    assert "MQ1" in _one_line_error(DataSpec(path=str(tmp_path / "junk.mib")))
+    assert "MQ1" in one_line_error(DataSpec(path=str(tmp_path / "junk.mib")))
 
 
 def test_mib_subset_reads_only_its_chunks(tmp_path, monkeypatch):
@@ -238,7 +231,7 @@ def test_arina_master_with_linked_data_files(tmp_path):
     assert d.energy_eV == pytest.approx(200e3, rel=1e-9)
     assert d.dk_invA == pytest.approx(1e-3 / wavelength)                  # 100 µm / 0.1 m = 1 mrad per pixel
     (tmp_path / "run_data_000002.h5").unlink()
-    assert "missing linked data file" in _one_line_error(DataSpec(path=str(path)))
+    assert "missing linked data file" in one_line_error(DataSpec(path=str(path)))
 
 
 def test_emd_py4dstem_by_key_and_auto(tmp_path):
@@ -258,7 +251,7 @@ def test_emd_py4dstem_by_key_and_auto(tmp_path):
     assert d.source.endswith("experiment/datacube/data") and d.scan_shape == (SY, SX)
     assert d.scan_step_A == pytest.approx(0.3) and d.dk_invA == pytest.approx(0.04)
     assert load_dataset(DataSpec(path=str(path), patterns="experiment/datacube/data")).scan_shape == (SY, SX)
-    assert "4D datasets in the file: experiment/datacube/data" in _one_line_error(
+    assert "4D datasets in the file: experiment/datacube/data" in one_line_error(
         DataSpec(path=str(path), patterns="nope"))
 
 
@@ -323,10 +316,10 @@ def test_dm4_file_written_in_the_tag_layout_rsciio_parses(tmp_path):
     assert d.scan_shape == (SY, SX) and d.preprocessing["shift_yx_px"] == [-1, 1]
     data = path.read_bytes()
     path.write_bytes(data[:-5000])                                     # cut (DM files hold tags after the image)
-    msg = _one_line_error(DataSpec(path=str(path)))
+    msg = one_line_error(DataSpec(path=str(path)))
     assert str(path) in msg and "truncated" in msg
     path.write_bytes(b"\x00\x00\x00\x07" + data[4:])                    # DM version 7
-    assert "cannot read as dm" in _one_line_error(DataSpec(path=str(path)))
+    assert "cannot read as dm" in one_line_error(DataSpec(path=str(path)))
 
 
 def test_dm_metadata_mapping(monkeypatch, tmp_path):
