@@ -612,16 +612,23 @@ MAX_TRIALS_PER_BATCH = 64
 MEMORY_FRACTION = 0.7
 
 
+def free_device_bytes(device: Any | None = None) -> int | None:
+    """Free memory of an accelerator in bytes; None on a CPU or when the device does not report it."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+
 def auto_trials_per_batch(trial_bytes: int, shared_bytes: int, device: Any | None = None) -> int:
     """K for study.trials_per_batch = auto: as many trials as fit in the accelerator's free memory
     (after the shared data), at most MAX_TRIALS_PER_BATCH; CPU_TRIALS_PER_BATCH on a CPU or when
     the device does not report its memory."""
-    device = device or jax.devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if not stats or "bytes_limit" not in stats:
+    free = free_device_bytes(device)
+    if free is None:
         return CPU_TRIALS_PER_BATCH
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - shared_bytes
-    return int(max(1, min(MAX_TRIALS_PER_BATCH, MEMORY_FRACTION * free // max(trial_bytes, 1))))
+    return int(max(1, min(MAX_TRIALS_PER_BATCH, MEMORY_FRACTION * (free - shared_bytes) // max(trial_bytes, 1))))
 
 
 def is_out_of_memory(err: BaseException) -> bool:

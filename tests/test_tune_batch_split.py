@@ -58,3 +58,21 @@ def test_other_errors_fail_each_trial_of_the_group(monkeypatch):
     for _, step in outcomes:
         with pytest.raises(ValueError, match="bad plan"):
             step()
+
+
+def _config(chosen):
+    return SimpleNamespace(spec=SimpleNamespace(study=SimpleNamespace(trials_per_batch=chosen)),
+                           base_plan=SimpleNamespace(data=None))
+
+
+def test_auto_is_one_on_a_cpu_without_lowering_and_when_the_base_plan_cannot_be_lowered(monkeypatch):
+    def cannot_lower(plan, dataset):
+        raise recon.PlanError("probe.defocus_A is not in the data file; set it in the plan")
+
+    monkeypatch.setattr(batch, "lower", cannot_lower)
+    objective = _Objective()
+    assert batch.resolve_trials_per_batch(_config(6), objective) == 6
+    monkeypatch.setattr(batch, "free_device_bytes", lambda: None)  # a CPU: the base plan is not even lowered
+    assert batch.resolve_trials_per_batch(_config("auto"), objective) == 1
+    monkeypatch.setattr(batch, "free_device_bytes", lambda: 80 * 2**30)  # a GPU, but a searched optic is missing
+    assert batch.resolve_trials_per_batch(_config("auto"), objective) == 1

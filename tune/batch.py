@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 import recon
-from recon.engine import auto_trials_per_batch, is_out_of_memory
+from recon.engine import CPU_TRIALS_PER_BATCH, auto_trials_per_batch, free_device_bytes, is_out_of_memory
 from recon.lower import lower, trial_bytes
 from tune import budget
 from tune.objective import BatchInfo, Objective, TrialFailed
@@ -42,12 +42,18 @@ class Pending:
 
 
 def resolve_trials_per_batch(config: StudyConfig, objective: Objective) -> int:
-    """study.trials_per_batch, with `auto` from the device's free memory and the base plan's shapes."""
+    """study.trials_per_batch, with `auto` from the device's free memory and the base plan's shapes
+    (one trial at a time on a CPU, or when the base plan alone cannot be lowered)."""
     chosen = config.spec.study.trials_per_batch
     if chosen != "auto":
         return int(chosen)
+    if free_device_bytes() is None:  # a CPU: nothing to size, and no lowering needed
+        return CPU_TRIALS_PER_BATCH
     plan = config.base_plan
-    low = lower(plan, objective.dataset(plan.data))
+    try:
+        low = lower(plan, objective.dataset(plan.data))
+    except recon.PlanError:  # the base plan needs a searched value (e.g. an optic the file lacks)
+        return 1
     shared = sum(getattr(low.data, name).nbytes for name in low.data._fields)
     return auto_trials_per_batch(trial_bytes(low.static), shared)
 
