@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -16,7 +17,7 @@ from recon.plan import PlanError
 from tune import budget
 from tune.ranking import best_trials, ranked_short_trials
 from tune.record import TrialRecord
-from tune.refine import is_duplicate, pending_parents, queue_refinements
+from tune.refine import is_duplicate, pending_parents, queue_refinements, refined_values
 from tune.storage import open_storage
 from tune.study import load_study
 
@@ -81,14 +82,37 @@ def test_halfset_metrics_need_no_ground_truth_and_refine_is_checked(tmp_path, ti
         load_study(bad)
 
 
+def test_refine_fit_is_checked_and_adds_the_fitted_optics_to_the_plan(tmp_path, tiny_data_path):
+    def study(refine: str) -> Path:
+        path = _write_study(tmp_path, tiny_data_path, "", "[halfset_frc_area]")
+        path.write_text(path.read_text().replace("pruner: {name: none}", f"pruner: {{name: none}}, refine: {refine}"))
+        return path
+
+    config = load_study(study("{top_k: 2, iterations: 20, fit: [recon.probe.defocus_A, scan.rotation_deg, "
+                              "probe.aberrations.C12_A]}"))
+    assert config.spec.study.refine.fit == ("probe.defocus_A", "scan.rotation_deg", "probe.aberrations.C12_A")
+    base = config.base_plan.model_copy(update={"probe": config.base_plan.probe.model_copy(update={"fit": ("C30_A",)})})
+    values = refined_values(config.spec.study.refine, base, {"probe.defocus_A": -80.0})
+    assert values == {"probe.defocus_A": -80.0, "iterations": 20, "probe.fit": ["C30_A", "defocus_A", "C12_A"],
+                      "scan.fit": ["rotation_deg"]}
+    for refine, message in [("{top_k: 2, iterations: 20, fit: [probe.semiangle_mrad]}", "study.refine.fit.0"),
+                            ("{top_k: 2, iterations: 8, fit: [probe.defocus_A]}", "must exceed recon.engine.fit_start")]:
+        with pytest.raises(PlanError, match=message) as err:
+            load_study(study(refine))
+        assert "\n" not in str(err.value)
+    assert "probe.defocus_A" in str(pytest.raises(PlanError, load_study, study(
+        "{top_k: 2, iterations: 20, fit: [probe.semiangle_mrad]}")).value)   # names the allowed keys
+
+
 def _tune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "tune", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_start_refines_the_best_and_shows_the_final_reconstruction(tmp_path, tiny_data_path):
-    path = _write_study(tmp_path, tiny_data_path, "")
-    path.write_text(path.read_text().replace("pruner: {name: none}", "pruner: {name: none}, refine: {top_k: 2, iterations: 6}"))
+    path = _write_study(tmp_path, tiny_data_path, "")      # the refined trials fit the defocus from iteration 2
+    path.write_text(path.read_text().replace("pruner: {name: none}", "pruner: {name: none}, refine: {top_k: 2, iterations: 6, "
+                                             "fit: [recon.probe.defocus_A]}").replace("probe:", "engine: {fit_start: 2}, probe:"))
     run = _tune("start", str(path), cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     study = optuna.load_study(study_name="truthfree", storage=open_storage(f"sqlite:///{path.with_suffix('.db')}"))
@@ -103,11 +127,15 @@ def test_start_refines_the_best_and_shows_the_final_reconstruction(tmp_path, tin
         parent = next(p for p in short if p.number == record.refine_of)
         assert t.params == parent.params and parent in top
         assert {"halfset_frc_area", "halfset_frc_resolution_A"} <= set(record.metrics)
+        assert set(record.fitted) == {"probe.defocus_A"} and record.fitted["probe.defocus_A"]["stderr"] > 0
+        assert recon.plan_from_dict(yaml.safe_load(record.plan)).probe.fit == ("defocus_A",)
+        assert not TrialRecord.read(parent).fitted
     best = best_trials(study)[0]
     assert best in refined and best.value == max(t.value for t in refined)
     report = tmp_path / "out" / "truthfree" / "report"
     plan = recon.load_plan(report / "best.yml")
     assert plan.iterations == 6 and plan.probe.defocus_A == pytest.approx(best.params["probe.defocus_A"])
+    assert plan.probe.fit == ("defocus_A",) and "# Fitted (start values below" in (report / "best.yml").read_text()
     page = (report / "report.html").read_text()
     assert "Final reconstruction" in page and "refined from trial" in page
     assert (report / "final.png").is_file()

@@ -38,9 +38,20 @@ def best_plan_text(study: optuna.Study, config: StudyConfig, number: int | None 
     header = (f"# Trial {trial.number} of study {config.name} ({config.file.name}): "
               f"{values or trial.state.name.lower()}{parent}\n"
               f"# Reproduce: {command}\n")
+    if record.fitted:
+        header += f"# Fitted (start values below; ± Fisher standard error): {fitted_text(record.fitted)}\n"
     if trial.state != TrialState.COMPLETE:
         header += f"# Note: this trial did not complete ({record.fail_reason or trial.state.name})\n"
     return header + record.plan, summary
+
+
+def fitted_text(fitted: dict[str, dict[str, float | None]]) -> str:
+    """'probe.defocus_A = -100.3 ± 0.22, scan.rotation_deg = -0.02 ± 0.03' from TrialRecord.fitted."""
+    def one(key: str, v: dict[str, float | None]) -> str:
+        stderr = v.get("stderr")
+        return f"{key} = {v['value']:.5g}" + ("" if stderr is None else f" ± {stderr:.2g}")
+
+    return ", ".join(one(k, v) for k, v in fitted.items())
 
 
 def score_options(scoring: ScoringSpec) -> str:

@@ -8,8 +8,8 @@ kinds of `output.artifacts`.
 
 With a half-set objective metric (`halfset_frc_resolution_A`, `halfset_frc_area`) the trial's plan is
 also reconstructed on the two halves of the scan (`recon.halfset`) and compared (`metrics.halfset`).
-A refined trial (`tune.refine`) runs its parent's settings for `study.refine.iterations` and is never
-pruned.
+A refined trial (`tune.refine`) runs its parent's settings for `study.refine.iterations`, with the
+optics of `study.refine.fit` fitted, and is never pruned.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from recon.halfset import reconstruct_halves
 from tune import budget
 from tune.ranking import best_trials
 from tune.record import TrialRecord, write
-from tune.refine import is_duplicate
+from tune.refine import is_duplicate, refined_values
 from tune.schema import GROUND_TRUTH_METRICS, HALFSET_METRICS, score_key
 from tune.space import suggest, trial_plan
 from tune.storage import AtomicArtifactStore, StorageUnreachable
@@ -164,7 +164,7 @@ class Objective:
         iterations), validated, recorded with its seed."""
         refine = self.config.spec.study.refine
         if TrialRecord.read(trial).refine_of is not None and refine is not None:
-            values = {**values, "iterations": refine.iterations}
+            values = refined_values(refine, self.config.base_plan, values)
         plan = trial_plan(self.config.base_plan, values, source=f"trial {trial.number}")
         write(trial, TrialRecord(plan=plan.to_yaml(), seed=plan.seed))
         return plan

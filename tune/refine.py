@@ -1,25 +1,49 @@
 """Refinement: the best short trials run again, longer, once the budget of short trials is used.
 
-`study.refine: {top_k: K, iterations: N}`. Short trials rank settings by their state after the base
+`study.refine: {top_k: K, iterations: N, fit: [...]}`. Short trials rank settings by their state after the base
 plan's iterations, while users keep the settings for a long reconstruction. So when the study's
 `n_trials` short trials have finished, the K best by the objective (`tune.ranking`) are queued
 again with the same parameters as new trials that name their parent (user attribute `refine_of`)
-and run N iterations. Refined trials are never pruned and do not use `n_trials`; the study's best
+and run N iterations; with `fit` (plan key paths of optics), those optics are fitted from the
+parent's values (recon's `probe.fit` / `scan.fit`: Gauss-Newton with the object, Fisher errors
+recorded per trial), so a study searches the optics coarsely and fits them finely. Refined trials are never pruned and do not use `n_trials`; the study's best
 (`tune status`, the report, `tune best`, `output.keep: best`) is chosen among the complete refined
 trials, shown with its parent's short score. Any worker may queue them; a refined trial whose parent
 already has an earlier one (two workers queued it at the same moment) is surplus and never runs.
 """
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from recon.plan import Plan
 from tune import budget
 from tune.ranking import ranked_short_trials
 from tune.record import TrialRecord
+from tune.schema import RefineSpec
 
 #: The user attribute that names a refined trial's parent (a `TrialRecord` field).
 PARENT_ATTR = "refine_of"
+
+
+def fit_overrides(keys: Sequence[str], probe_fit: Sequence[str] = (), scan_fit: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Plan overrides that fit `keys` (plan key paths, `schema.FITTABLE_KEYS`) beside the plan's own
+    `probe.fit` / `scan.fit` (recon's names: defocus_A, C12_A, rotation_deg); {} when nothing is added."""
+    probe = [k.rsplit(".", 1)[1] for k in keys if k.startswith("probe.")]
+    scan = [k.rsplit(".", 1)[1] for k in keys if k.startswith("scan.")]
+    out = {}
+    if probe:
+        out["probe.fit"] = list(dict.fromkeys([*probe_fit, *probe]))
+    if scan:
+        out["scan.fit"] = list(dict.fromkeys([*scan_fit, *scan]))
+    return out
+
+
+def refined_values(refine: RefineSpec, plan: Plan, values: dict[str, Any]) -> dict[str, Any]:
+    """A refined trial's plan values: its parent's, the refinement's iterations and fitted optics."""
+    return {**values, "iterations": refine.iterations, **fit_overrides(refine.fit, plan.probe.fit, plan.scan.fit)}
 
 
 def refined_parents(trials: list[FrozenTrial]) -> set[int]:

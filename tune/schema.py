@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from recon.plan import DataSpec
+from recon.plan import Aberrations, DataSpec
 
 Metric = Literal["nrmse", "mse", "frc_resolution_A", "frc_area", "ssim", "heldout_loss", "data_loss", "runtime_s",
                  "halfset_frc_resolution_A", "halfset_frc_area"]
@@ -55,11 +55,27 @@ class PrunerSpec(_Frozen):
     wrapped: PrunerSpec | None = Field(None, description="patient only: the pruner it wraps")
 
 
+#: Plan key paths that `study.refine.fit` may fit (recon's probe.fit and scan.fit, as plan key paths).
+FITTABLE_KEYS = ("probe.defocus_A", *(f"probe.aberrations.{k}" for k in Aberrations.model_fields), "scan.rotation_deg")
+
+
 class RefineSpec(_Frozen):
-    """Re-run the `top_k` best short trials at `iterations` once the short trials have used the budget."""
+    """Re-run the `top_k` best short trials at `iterations` once the short trials have used the budget,
+    optionally with the optics in `fit` fitted from each trial's values (recon's probe.fit / scan.fit)."""
 
     top_k: int = Field(ge=1, description="how many of the best short trials are refined")
     iterations: int = Field(ge=1, description="iterations of each refined trial (the long reconstruction)")
+    fit: tuple[Literal[FITTABLE_KEYS], ...] = Field(
+        (), description="optics the refined trials fit (Gauss-Newton with the object, Fisher errors), "
+                        "starting from the trial's values: search coarsely, fit finely")
+
+    @field_validator("fit", mode="before")
+    @classmethod
+    def _plan_keys(cls, keys: Any) -> Any:
+        """Accept the search section's spelling too (recon.probe.defocus_A)."""
+        if isinstance(keys, (list, tuple)):
+            return [k.removeprefix("recon.") if isinstance(k, str) else k for k in keys]
+        return keys
 
 
 class StudySection(_Frozen):

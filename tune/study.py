@@ -20,9 +20,10 @@ import h5py
 from pydantic import ValidationError
 
 from recon.detectors import detect_format
-from recon.plan import Plan, PlanError, describe_validation_error, load_yaml
+from recon.plan import Plan, PlanError, apply_overrides, describe_validation_error, load_yaml, plan_from_dict
 from tune.schema import (DEFAULT_DIRECTIONS, GROUND_TRUTH_METRICS, HALFSET_METRICS, Direction, PrunerSpec, StudyData,
                          StudyFile)
+from tune.refine import refined_values
 from tune.space import SearchParam, grid, resolve_search
 from tune.strategy import check_strategy
 
@@ -92,6 +93,7 @@ def load_study(path: str | Path, storage: str | None = None) -> StudyConfig:
     params = resolve_search(spec.search, base_raw, source)
     directions = spec.objective.directions or tuple(DEFAULT_DIRECTIONS[m] for m in spec.objective.metrics)
     pruner = _check_objective(spec, base_plan, source)
+    _check_refine(spec, base_plan, base_raw, source)
     check_strategy(spec.study.sampler, pruner, params, source)
     budget = spec.study.n_trials
     if spec.study.sampler.name == "grid":
@@ -101,6 +103,21 @@ def load_study(path: str | Path, storage: str | None = None) -> StudyConfig:
         output_dir=output_dir, data_path=data_path, base_plan=base_plan, params=params,
         directions=directions, pruner=pruner, budget=budget,
     )
+
+
+def _check_refine(spec: StudyFile, base_plan: Plan, base_raw: dict[str, Any], source: str) -> None:
+    """The refined trials' plan (the base plan with study.refine's iterations and fitted optics) is valid,
+    and with fitted optics it runs past engine.fit_start, where the optics begin to move."""
+    refine = spec.study.refine
+    if refine is None or not refine.fit:
+        return
+    try:
+        plan = plan_from_dict(apply_overrides(base_raw, refined_values(refine, base_plan, {})), source)
+    except PlanError as err:
+        raise PlanError(f"{err} (the refined trials' plan, with study.refine.fit)") from None
+    if refine.iterations <= plan.engine.fit_start:
+        raise PlanError(f"{source}: study.refine.iterations: {refine.iterations} must exceed recon.engine.fit_start "
+                        f"({plan.engine.fit_start}), the iteration from which fitted optics move")
 
 
 def _check_objective(spec: StudyFile, base_plan: Plan, source: str) -> PrunerSpec:
