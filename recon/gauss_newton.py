@@ -120,6 +120,28 @@ def loss_change(noise_model: str, new, old, measured, mask, eps_rel, mean_pixel)
     return jnp.sum(d * mask, axis=(-2, -1))
 
 
+def floored_poisson_change(new, old, measured, mask, mean_pixel):
+    """Per pattern (B,): Σ φ(new) − Σ φ(old) for modelled intensities (B, N, N), φ the objective whose gradient
+    the Poisson residuals' Gauss-Newton step follows exactly: the negative log-likelihood I − y log I for
+    I ≥ f and its quadratic continuation (I − y)² / 2f below (f = POISSON_FLOOR × mean pixel, where the
+    whitening D = max(I, f) is floored), so φ′(I) = (I − y) / D. Unlike `loss_change` (weights frozen at
+    `old`), a decrease of φ is a decrease of the likelihood wherever I ≥ f. Per pixel as differences:
+    (new − old) − y log1p((new − old)/old) above f, (new − old)(new + old − 2y)/2f below, and the two
+    branches' offsets from φ(f) where a pixel crosses f."""
+    y = jnp.maximum(measured, 0.0)
+    f = POISSON_FLOOR * mean_pixel
+
+    def from_floor(i):  # φ(i) − φ(f)
+        return jnp.where(i >= f, (i - f) - y * jnp.log(jnp.maximum(i, f) / f),
+                         (f - y) * (i - f) / f + (i - f) ** 2 / (2.0 * f))
+
+    above = (new >= f) & (old >= f)
+    below = (new < f) & (old < f)
+    d = jnp.where(above, (new - old) - y * jnp.log1p((new - old) / jnp.maximum(old, f)),
+                  jnp.where(below, (new - old) * (new + old - 2.0 * y) / (2.0 * f), from_floor(new) - from_floor(old)))
+    return jnp.sum(d * mask, axis=(-2, -1))
+
+
 def lm_step(residual_fn: Callable, change_fn: Callable, x: dict, damping, cg_iterations):
     """One Levenberg-Marquardt step on the real variables x ({group: array}).
 
