@@ -37,6 +37,9 @@ from .gauss_newton import RESIDUAL_VARIANCE, conjugate_gradients
 from .state import Settings
 
 SCHUR_CG_ITERATIONS = 100
+#: Random probes estimating diag F_xx (the CG preconditioner), and its floor relative to the largest entry.
+DIAGONAL_PROBES = 16
+DIAGONAL_FLOOR = 1e-8
 
 
 class NormalEquations(NamedTuple):
@@ -183,21 +186,40 @@ class Reduced(NamedTuple):
     x_step: dict
 
 
+def nuisance_diagonal(residual_fn: Callable, x: dict, theta, batches, weights, probes: int = DIAGONAL_PROBES) -> dict:
+    """diag F_xx (a tree like x), estimated as the mean of (J_xᵀ u)² over `probes` random sign vectors u in
+    residual space (unbiased and never negative); the same probes for every call (a fixed key)."""
+    def one(acc, batch):
+        f = _weighted(residual_fn, *batch)
+        r, vjp = jax.vjp(lambda y: f(y, theta), x)
+
+        def probe(total, key):
+            back = vjp(jax.random.rademacher(key, r.shape, r.dtype))[0]
+            return jax.tree_util.tree_map(lambda a, b: a + b**2, total, back), None
+
+        keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), batch[0][0]), probes)
+        return jax.lax.scan(probe, acc, keys)[0], None
+
+    total = jax.lax.scan(one, jax.tree_util.tree_map(jnp.zeros_like, x), (batches, weights))[0]
+    return jax.tree_util.tree_map(lambda a: a / probes, total)
+
+
 def reduce_system(residual_fn: Callable, x: dict, theta, ne: NormalEquations, batches, weights,
                   iterations=SCHUR_CG_ITERATIONS, damping=0.0) -> Reduced:
     """Eliminate x from the joint normal equations: P + 1 CG solves with F_xx + λ D (under vmap), D the
-    curvature of each group along the summed columns (also the preconditioner); λ ≥ 1e-6."""
+    estimated diagonal of F_xx (`nuisance_diagonal`, floored at DIAGONAL_FLOOR × its largest entry; also
+    the preconditioner: the object's pixels differ by orders of magnitude in illumination); λ ≥ 1e-6."""
     matvec = nuisance_gram(residual_fn, x, theta, batches, weights)
     cols = cross_columns(residual_fn, x, theta, batches, weights)
     g_x = nuisance_gradient(residual_fn, x, theta, batches, weights)
-    total = jax.tree_util.tree_map(lambda c: jnp.sum(c, axis=0), cols)
-    curv = {k: _dot_tree(_only(total, k), matvec(_only(total, k))) / jnp.maximum(jnp.sum(total[k] ** 2), 1e-30)
-            for k in x}
-    curv = {k: jnp.maximum(v, 1e-30) for k, v in curv.items()}
+    diag = nuisance_diagonal(residual_fn, x, theta, batches, weights)
+    top = jnp.max(jnp.stack([jnp.max(v) for v in diag.values()]))
+    diag = {k: jnp.maximum(v, DIAGONAL_FLOOR * top + 1e-30) for k, v in diag.items()}
     ridge = jnp.maximum(damping, 1e-6)
-    damped = lambda v: {k: a + ridge * curv[k] * v[k] for k, a in matvec(v).items()}  # noqa: E731
+    damped = lambda v: {k: a + ridge * diag[k] * v[k] for k, a in matvec(v).items()}  # noqa: E731
     rhs = jax.tree_util.tree_map(lambda c, g: jnp.concatenate([c, g[None]]), cols, g_x)
-    solved = jax.vmap(lambda b: conjugate_gradients(damped, b, curv, iterations))(rhs)
+    precond = {k: (1.0 + ridge) * v for k, v in diag.items()}
+    solved = jax.vmap(lambda b: conjugate_gradients(damped, b, precond, iterations))(rhs)
     z = jax.tree_util.tree_map(lambda a: a[:-1], solved)
     z_g = jax.tree_util.tree_map(lambda a: a[-1], solved)
     reduction = sum(jnp.einsum("p...,q...->pq", cols[k], z[k]) for k in x)
@@ -214,11 +236,3 @@ def joint_step(red: Reduced, theta, x: dict, damping):
     delta = -jnp.linalg.solve(matrix, red.gradient)
     return theta + delta, {k: v + red.x_step[k] - jnp.einsum("p,p...->...", delta, red.response[k])
                            for k, v in x.items()}
-
-
-def _only(tree: dict, key: str) -> dict:
-    return {k: v if k == key else jnp.zeros_like(v) for k, v in tree.items()}
-
-
-def _dot_tree(a: dict, b: dict):
-    return sum(jnp.vdot(a[k], b[k]).real for k in a)

@@ -96,6 +96,18 @@ def test_floored_poisson_change_is_the_difference_of_the_objective_whose_gradien
     np.testing.assert_allclose(np.asarray(step) / t, slope, rtol=2e-2)
 
 
+def test_nuisance_diagonal_estimates_the_diagonal_of_the_nuisance_information():
+    residual_fn, x, theta, idx, w = _toy()
+
+    def flat(v):
+        return jnp.concatenate([residual_fn({"a": v[:5], "b": v[5:]}, theta, i).ravel() for i in idx])
+
+    jac = np.asarray(jax.jacfwd(flat)(jnp.concatenate([x["a"], x["b"]])), np.float64)
+    diag = fit.nuisance_diagonal(residual_fn, x, theta, idx, w, probes=4000)
+    exact = np.sum(jac**2, axis=0)
+    np.testing.assert_allclose(np.concatenate([np.asarray(diag["a"]), np.asarray(diag["b"])]), exact, rtol=0.15)
+
+
 def test_with_fitted_replaces_the_fitted_settings(tiny_plan_dict):
     plan = plan_from_dict(apply_overrides(tiny_plan_dict, {"probe.fit": ["defocus_A", "C12_A", "phi12_deg"],
                                                            "scan.fit": ["rotation_deg"], "probe.defocus_A": -90.0,
