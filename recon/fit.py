@@ -16,15 +16,17 @@ the reduced gradient g̃ = g_θ − F_θx F_xx⁻¹ g_x and x's linear response;
 fixed) the alternation crawls along the valley where the object compensates a wrong θ (measured: 15 Å
 of defocus error not removed in 80 iterations). J = ∂r/∂θ of the noise model's whitened residuals
 (`gauss_newton.residuals`, `jax.linearize`). The step is kept only if the data term decreases
-(`gauss_newton.loss_change`).
+(`gauss_newton.loss_change`; for Poisson noise `gauss_newton.floored_poisson_change`, the likelihood the
+Fisher-scoring step descends).
 
 Standard errors: the Fisher information at the solution, F = JᵀJ / s², with s² the whitened
 residual's variance (`gauss_newton.RESIDUAL_VARIANCE`: Poisson 1, so F = Σ (∂μ/∂θ)²/μ; amplitude
 and Anscombe ¼; intensity estimated as Σ r² / (n − P)). The object (and the probe pixels, when no
 probe optic is fitted) are nuisance parameters correlated with θ, so θ's information is the Schur
 complement S (`reduce_system` with SCHUR_CG_ITERATIONS CG iterations, run together under vmap);
-σ_i = √((S⁻¹)_ii). CG from zero underestimates F_xx⁻¹ when stopped early (σ too small); on the
-calibration data σ changes by < 0.5 % from 100 to 1000 iterations.
+σ_i = √((S⁻¹)_ii). CG from zero underestimates F_xx⁻¹ when stopped early (σ too small); preconditioned
+by the estimated diagonal of F_xx (`nuisance_diagonal`) it has converged: on the calibration data σ is
+the same to 4 digits after 30 and 1000 iterations (one curvature per group gave σ 1–3 % low after 100).
 """
 from __future__ import annotations
 
