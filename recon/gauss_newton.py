@@ -9,7 +9,8 @@ of variable group k (‖J g_k‖² / ‖g_k‖² along its own gradient g_k), so
 value suits the object and the probe; S also preconditions CG. The CG loop is a `lax.fori_loop` whose
 bound is the traced `cg_iterations` (tuning it never recompiles; under vmap the batch runs to the
 largest bound and each trial stops updating at its own). A step is kept only if it lowers the data
-term (`loss_change`: Σ r², or the deviance for Poisson noise);
+term (`loss_change`: Σ r², for Poisson noise with the weights frozen; with fitted optics the Poisson
+likelihood itself, `floored_poisson_change`);
 λ is divided by 3 after a kept step and multiplied by 3 after a rejected one (kept in [1e-6, 1e6]).
 """
 from __future__ import annotations
