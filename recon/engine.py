@@ -373,6 +373,11 @@ def _residuals(static: StaticConfig, settings: Settings, data: EngineData, model
 
 
 def _loss_change(static: StaticConfig, settings: Settings, data: EngineData, new, old, idx):
+    """Per pattern (B,): the change of the data term that decides whether a Gauss-Newton step is kept.
+    With fitted optics and Poisson noise, that of the floored likelihood (`gn.floored_poisson_change`): the
+    frozen-weight change accepted steps that raised the negative log-likelihood."""
+    if static.fit and static.noise_model == "poisson":
+        return gn.floored_poisson_change(new, old, data.patterns[idx], data.mask, data.mean_pixel)
     return gn.loss_change(static.noise_model, new, old, data.patterns[idx], data.mask, settings.noise_eps,
                           data.mean_pixel)
 

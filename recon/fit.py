@@ -16,15 +16,17 @@ the reduced gradient g̃ = g_θ − F_θx F_xx⁻¹ g_x and x's linear response;
 fixed) the alternation crawls along the valley where the object compensates a wrong θ (measured: 15 Å
 of defocus error not removed in 80 iterations). J = ∂r/∂θ of the noise model's whitened residuals
 (`gauss_newton.residuals`, `jax.linearize`). The step is kept only if the data term decreases
-(`gauss_newton.loss_change`).
+(`gauss_newton.loss_change`; for Poisson noise `gauss_newton.floored_poisson_change`, the likelihood the
+Fisher-scoring step descends).
 
 Standard errors: the Fisher information at the solution, F = JᵀJ / s², with s² the whitened
 residual's variance (`gauss_newton.RESIDUAL_VARIANCE`: Poisson 1, so F = Σ (∂μ/∂θ)²/μ; amplitude
 and Anscombe ¼; intensity estimated as Σ r² / (n − P)). The object (and the probe pixels, when no
 probe optic is fitted) are nuisance parameters correlated with θ, so θ's information is the Schur
 complement S (`reduce_system` with SCHUR_CG_ITERATIONS CG iterations, run together under vmap);
-σ_i = √((S⁻¹)_ii). CG from zero underestimates F_xx⁻¹ when stopped early (σ too small); on the
-calibration data σ changes by < 0.5 % from 100 to 1000 iterations.
+σ_i = √((S⁻¹)_ii). CG from zero underestimates F_xx⁻¹ when stopped early (σ too small); preconditioned
+by the estimated diagonal of F_xx (`nuisance_diagonal`) it has converged: on the calibration data σ is
+the same to 4 digits after 30 and 1000 iterations (one curvature per group gave σ 1–3 % low after 100).
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ from .gauss_newton import RESIDUAL_VARIANCE, conjugate_gradients
 from .state import Settings
 
 SCHUR_CG_ITERATIONS = 100
+#: Random probes estimating diag F_xx (the CG preconditioner), and its floor relative to the largest entry.
+DIAGONAL_PROBES = 16
+DIAGONAL_FLOOR = 1e-8
 
 
 class NormalEquations(NamedTuple):
@@ -183,21 +188,40 @@ class Reduced(NamedTuple):
     x_step: dict
 
 
+def nuisance_diagonal(residual_fn: Callable, x: dict, theta, batches, weights, probes: int = DIAGONAL_PROBES) -> dict:
+    """diag F_xx (a tree like x), estimated as the mean of (J_xᵀ u)² over `probes` random sign vectors u in
+    residual space (unbiased and never negative); the same probes for every call (a fixed key)."""
+    def one(acc, batch):
+        f = _weighted(residual_fn, *batch)
+        r, vjp = jax.vjp(lambda y: f(y, theta), x)
+
+        def probe(total, key):
+            back = vjp(jax.random.rademacher(key, r.shape, r.dtype))[0]
+            return jax.tree_util.tree_map(lambda a, b: a + b**2, total, back), None
+
+        keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), batch[0][0]), probes)
+        return jax.lax.scan(probe, acc, keys)[0], None
+
+    total = jax.lax.scan(one, jax.tree_util.tree_map(jnp.zeros_like, x), (batches, weights))[0]
+    return jax.tree_util.tree_map(lambda a: a / probes, total)
+
+
 def reduce_system(residual_fn: Callable, x: dict, theta, ne: NormalEquations, batches, weights,
                   iterations=SCHUR_CG_ITERATIONS, damping=0.0) -> Reduced:
     """Eliminate x from the joint normal equations: P + 1 CG solves with F_xx + λ D (under vmap), D the
-    curvature of each group along the summed columns (also the preconditioner); λ ≥ 1e-6."""
+    estimated diagonal of F_xx (`nuisance_diagonal`, floored at DIAGONAL_FLOOR × its largest entry; also
+    the preconditioner: the object's pixels differ by orders of magnitude in illumination); λ ≥ 1e-6."""
     matvec = nuisance_gram(residual_fn, x, theta, batches, weights)
     cols = cross_columns(residual_fn, x, theta, batches, weights)
     g_x = nuisance_gradient(residual_fn, x, theta, batches, weights)
-    total = jax.tree_util.tree_map(lambda c: jnp.sum(c, axis=0), cols)
-    curv = {k: _dot_tree(_only(total, k), matvec(_only(total, k))) / jnp.maximum(jnp.sum(total[k] ** 2), 1e-30)
-            for k in x}
-    curv = {k: jnp.maximum(v, 1e-30) for k, v in curv.items()}
+    diag = nuisance_diagonal(residual_fn, x, theta, batches, weights)
+    top = jnp.max(jnp.stack([jnp.max(v) for v in diag.values()]))
+    diag = {k: jnp.maximum(v, DIAGONAL_FLOOR * top + 1e-30) for k, v in diag.items()}
     ridge = jnp.maximum(damping, 1e-6)
-    damped = lambda v: {k: a + ridge * curv[k] * v[k] for k, a in matvec(v).items()}  # noqa: E731
+    damped = lambda v: {k: a + ridge * diag[k] * v[k] for k, a in matvec(v).items()}  # noqa: E731
     rhs = jax.tree_util.tree_map(lambda c, g: jnp.concatenate([c, g[None]]), cols, g_x)
-    solved = jax.vmap(lambda b: conjugate_gradients(damped, b, curv, iterations))(rhs)
+    precond = {k: (1.0 + ridge) * v for k, v in diag.items()}
+    solved = jax.vmap(lambda b: conjugate_gradients(damped, b, precond, iterations))(rhs)
     z = jax.tree_util.tree_map(lambda a: a[:-1], solved)
     z_g = jax.tree_util.tree_map(lambda a: a[-1], solved)
     reduction = sum(jnp.einsum("p...,q...->pq", cols[k], z[k]) for k in x)
@@ -214,11 +238,3 @@ def joint_step(red: Reduced, theta, x: dict, damping):
     delta = -jnp.linalg.solve(matrix, red.gradient)
     return theta + delta, {k: v + red.x_step[k] - jnp.einsum("p,p...->...", delta, red.response[k])
                            for k, v in x.items()}
-
-
-def _only(tree: dict, key: str) -> dict:
-    return {k: v if k == key else jnp.zeros_like(v) for k, v in tree.items()}
-
-
-def _dot_tree(a: dict, b: dict):
-    return sum(jnp.vdot(a[k], b[k]).real for k in a)

@@ -9,7 +9,8 @@ of variable group k (‖J g_k‖² / ‖g_k‖² along its own gradient g_k), so
 value suits the object and the probe; S also preconditions CG. The CG loop is a `lax.fori_loop` whose
 bound is the traced `cg_iterations` (tuning it never recompiles; under vmap the batch runs to the
 largest bound and each trial stops updating at its own). A step is kept only if it lowers the data
-term (`loss_change`: Σ r², or the deviance for Poisson noise);
+term (`loss_change`: Σ r², for Poisson noise with the weights frozen; with fitted optics the Poisson
+likelihood itself, `floored_poisson_change`);
 λ is divided by 3 after a kept step and multiplied by 3 after a rejected one (kept in [1e-6, 1e6]).
 """
 from __future__ import annotations
@@ -117,6 +118,28 @@ def loss_change(noise_model: str, new, old, measured, mask, eps_rel, mean_pixel)
         r_new = residuals(noise_model, new, measured, mask, eps_rel, mean_pixel)
         r_old = residuals(noise_model, old, measured, mask, eps_rel, mean_pixel)
         d = (r_new - r_old) * (r_new + r_old)
+    return jnp.sum(d * mask, axis=(-2, -1))
+
+
+def floored_poisson_change(new, old, measured, mask, mean_pixel):
+    """Per pattern (B,): Σ φ(new) − Σ φ(old) for modelled intensities (B, N, N), φ the objective whose gradient
+    the Poisson residuals' Gauss-Newton step follows exactly: the negative log-likelihood I − y log I for
+    I ≥ f and its quadratic continuation (I − y)² / 2f below (f = POISSON_FLOOR × mean pixel, where the
+    whitening D = max(I, f) is floored), so φ′(I) = (I − y) / D. Unlike `loss_change` (weights frozen at
+    `old`), a decrease of φ is a decrease of the likelihood wherever I ≥ f. Per pixel as differences:
+    (new − old) − y log1p((new − old)/old) above f, (new − old)(new + old − 2y)/2f below, and the two
+    branches' offsets from φ(f) where a pixel crosses f."""
+    y = jnp.maximum(measured, 0.0)
+    f = POISSON_FLOOR * mean_pixel
+
+    def from_floor(i):  # φ(i) − φ(f)
+        return jnp.where(i >= f, (i - f) - y * jnp.log(jnp.maximum(i, f) / f),
+                         (f - y) * (i - f) / f + (i - f) ** 2 / (2.0 * f))
+
+    above = (new >= f) & (old >= f)
+    below = (new < f) & (old < f)
+    d = jnp.where(above, (new - old) - y * jnp.log1p((new - old) / jnp.maximum(old, f)),
+                  jnp.where(below, (new - old) * (new + old - 2.0 * y) / (2.0 * f), from_floor(new) - from_floor(old)))
     return jnp.sum(d * mask, axis=(-2, -1))
 
 

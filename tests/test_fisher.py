@@ -75,6 +75,39 @@ def test_poisson_whitening_gives_the_poisson_fisher_information():
     np.testing.assert_allclose(np.asarray(r), (mu - y) / np.sqrt(mu), rtol=1e-6)
 
 
+def test_floored_poisson_change_is_the_difference_of_the_objective_whose_gradient_the_step_follows():
+    floor = gn.POISSON_FLOOR * 1.0  # mean pixel 1
+    y = jnp.asarray([[[0.0, 1.0, 3.0], [7.0, 0.0, 2.0]]])
+    old = jnp.asarray([[[0.004, 0.02, 2.0], [7.5, 0.5, 0.009]]])  # below and above the floor
+    new = jnp.asarray([[[0.006, 0.005, 2.2], [7.4, 0.003, 0.02]]])  # both sides, and crossing it both ways
+
+    def phi(i):  # float64: I − y log I above the floor, its quadratic continuation below
+        i, yy = np.asarray(i, np.float64), np.asarray(y, np.float64)
+        at_floor = floor - yy * np.log(floor)
+        return np.where(i >= floor, i - yy * np.log(np.maximum(i, floor)),
+                        at_floor + (floor - yy) * (i - floor) / floor + (i - floor) ** 2 / (2 * floor))
+
+    change = gn.floored_poisson_change(new, old, y, jnp.ones((2, 3)), 1.0)
+    np.testing.assert_allclose(np.asarray(change), np.sum(phi(new) - phi(old), axis=(-2, -1)), rtol=1e-5)
+    # φ′(I) = (I − y) / max(I, f): the Poisson residuals' Jᵀr for J = ∂I
+    t = 1e-3
+    step = gn.floored_poisson_change(old + t, old, y, jnp.ones((2, 3)), 1.0)
+    slope = np.sum(np.asarray((old - y) / jnp.maximum(old, floor)), axis=(-2, -1))
+    np.testing.assert_allclose(np.asarray(step) / t, slope, rtol=2e-2)
+
+
+def test_nuisance_diagonal_estimates_the_diagonal_of_the_nuisance_information():
+    residual_fn, x, theta, idx, w = _toy()
+
+    def flat(v):
+        return jnp.concatenate([residual_fn({"a": v[:5], "b": v[5:]}, theta, i).ravel() for i in idx])
+
+    jac = np.asarray(jax.jacfwd(flat)(jnp.concatenate([x["a"], x["b"]])), np.float64)
+    diag = fit.nuisance_diagonal(residual_fn, x, theta, idx, w, probes=4000)
+    exact = np.sum(jac**2, axis=0)
+    np.testing.assert_allclose(np.concatenate([np.asarray(diag["a"]), np.asarray(diag["b"])]), exact, rtol=0.15)
+
+
 def test_with_fitted_replaces_the_fitted_settings(tiny_plan_dict):
     plan = plan_from_dict(apply_overrides(tiny_plan_dict, {"probe.fit": ["defocus_A", "C12_A", "phi12_deg"],
                                                            "scan.fit": ["rotation_deg"], "probe.defocus_A": -90.0,
@@ -113,7 +146,7 @@ def test_fitted_optics_approach_the_truth_and_are_saved(tmp_path):
 
 @pytest.fixture(scope="module")
 def calibration_fits(tmp_path_factory):
-    """20 noise realisations fitted as benchmarks/fisher_calibration.py does (about 10 minutes)."""
+    """20 noise realisations fitted as benchmarks/fisher_calibration.py does (about 6 minutes on 2 cores)."""
     tmp = tmp_path_factory.mktemp("calibration")
     fits = [_fit(tmp, seed, 60, calibration.SPEC) for seed in range(20)]
     return calibration.coverage([{"fitted": r.fitted, "fitted_stderr": r.fitted_stderr} for r in fits])
@@ -125,8 +158,9 @@ def test_defocus_two_sigma_coverage_over_noise_realisations(calibration_fits):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known shortfall (README, Fitted optics): measured 2σ coverage 0.70 for C12 and "
-                          "rotation, their scatter 1.6–1.9× the Fisher σ", strict=False)
+@pytest.mark.xfail(reason="known shortfall (README, Fitted optics): measured 2σ coverage 0.70 for C12 and 0.75 "
+                          "for rotation (seeds 0–19): the fits depend on the start at 60 iterations and the "
+                          "model jumps where a scan position's window moves by a pixel", strict=False)
 @pytest.mark.parametrize("key", ["probe.aberrations.C12_A", "scan.rotation_deg"])
 def test_two_sigma_coverage_over_noise_realisations(calibration_fits, key):
     assert calibration_fits[key]["coverage_2sigma"] >= 0.9, calibration_fits[key]
