@@ -170,10 +170,14 @@ def make_init(static: StaticConfig) -> Callable[[Settings, EngineData], EngineSt
 
 
 def optics_probe(settings: Settings, static: StaticConfig):
-    """The probe modes (M, W, W) in probe units built from the settings' optics (aberrations, modes)."""
+    """The probe modes (M, W, W) in probe units built from the settings' optics (aberrations, modes);
+    tapered to zero at the window's edge when probe optics are fitted with probe.fit_taper_px > 0
+    (`physics.taper_probe`, README "Fitted optics")."""
     psi0 = physics.probe_from_aberrations(
         static.window_px, settings.dk_invA, settings.energy_eV, settings.semiangle_mrad, settings.defocus_A,
         settings.aberrations._asdict(), settings.aperture_edge_px, static.aperture_supersample)
+    if fit.fits_probe(static.fit) and static.fit_taper_px > 0:
+        psi0 = physics.taper_probe(psi0, static.fit_taper_px)
     return physics.mixed_state_probe(psi0, static.modes, settings.main_mode_fraction) * static.n_px
 
 
@@ -417,7 +421,8 @@ def _fit_step(static: StaticConfig, params: Params, settings: Settings, data: En
     ne = fit.normal_equations(_fit_residual_fn(static, params, settings, data), theta, idx, w)
     joint = _joint_residual_fn(static, params, settings, data)
     x = _nuisance(params, static)
-    reduced = fit.reduce_system(joint, x, theta, ne, idx, w, settings.engine.fit_cg_iterations, damping)
+    reduced = fit.reduce_system(joint, x, theta, ne, idx, w, settings.engine.fit_cg_iterations, fit.STEP_RIDGE,
+                                damping)
     new_theta, new_x = fit.joint_step(reduced, theta, x, damping)
     model = _joint_model_fn(static, params, settings, data)
     better = fit.total_change(lambda i: _loss_change(static, settings, data, model(new_x, new_theta, i),

@@ -104,6 +104,25 @@ def split_aberrations(values: Mapping) -> tuple[dict, dict]:
     return coeffs, angles
 
 
+def edge_taper(n_px: int, width_px: float):
+    """(N, N) f32 window: 0 on the outermost ring of pixels, rising as sin² over `width_px` pixels to 1."""
+    centre = np.arange(n_px) + 0.5
+    ramp = np.sin(0.5 * np.pi * np.clip((np.minimum(centre, n_px - centre) - 1.0) / width_px, 0.0, 1.0)) ** 2
+    return jnp.asarray(ramp[:, None] * ramp[None, :], jnp.float32)
+
+
+def taper_probe(psi, width_px: float):
+    """A probe (..., N, N) brought to zero at its window's edge (`edge_taper`), at its total power.
+
+    A probe that reaches the edge of its window makes the forward model jump where a scan position's
+    window steps by a pixel (the sub-pixel shift wraps the edge column around: recon.forward); tapered,
+    the predicted patterns are continuous in the positions and the scan rotation.
+    """
+    tapered = psi * edge_taper(psi.shape[-1], width_px)
+    scale = jnp.sqrt(jnp.sum(jnp.abs(psi) ** 2) / jnp.sum(jnp.abs(tapered) ** 2))
+    return (tapered * scale).astype(jnp.complex64)
+
+
 def mixed_state_probe(psi0, n_modes: int, main_mode_fraction):
     """(M, N, N) orthogonal modes: ψ0 times low-order polynomials, powers (f, (1−f)/(M−1), ...).
 

@@ -168,6 +168,8 @@ class ProbeSpec(_Frozen):
     tilt_mrad: tuple[float, float] = (0.0, 0.0)
     fit: tuple[PROBE_FIT_KEYS, ...] = Field((), description="optics fitted with the object (the probe is "
                                                      "then aberration-parameterised); each value above is the start")
+    fit_taper_px: float = Field(0.0, ge=0, le=64, description="fitted probe: taper it to zero over this many "
+                                "pixels inside its window's outermost one (0: off); README, Fitted optics")
 
 
 class DetectorSpec(_Frozen):

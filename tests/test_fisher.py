@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import recon
-from recon import fit
+from recon import fit, forward, physics
 from recon import gauss_newton as gn
 from recon.plan import apply_overrides, plan_from_dict
 
@@ -53,11 +53,26 @@ def test_schur_complement_and_joint_step_match_the_dense_computation():
     schur = ftt - fxt.T @ np.linalg.solve(fxx, fxt)
     np.testing.assert_allclose(np.asarray(reduced.schur), schur, rtol=2e-3, atol=1e-4 * np.abs(schur).max())
     np.testing.assert_allclose(np.asarray(ne.A), ftt, rtol=1e-4)
-    # the joint Gauss-Newton step without damping equals the dense solve of the full normal equations
+    # without damping, θ's step is θ's part of the dense solve of the full normal equations, and x follows
+    # it by its linear response −F_xx⁻¹ F_xθ δ
     new_theta, new_x = fit.joint_step(reduced, theta, x, 0.0)
-    step = -np.linalg.solve(info, jac.T @ np.asarray(flat(v0), np.float64))
+    gradient = jac.T @ np.asarray(flat(v0), np.float64)
+    step = -np.linalg.solve(info, gradient)
+    np.testing.assert_allclose(np.asarray(new_theta - theta), step[8:], rtol=5e-3, atol=1e-5)
+    x_change = -np.linalg.solve(fxx, fxt @ step[8:])
+    np.testing.assert_allclose(np.asarray(new_x["a"] - x["a"]), x_change[:5], rtol=5e-3, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(new_x["b"] - x["b"]), x_change[5:], rtol=5e-3, atol=1e-5)
+    # with x's own step (ridge → 0) it is the dense joint step
+    own = fit.reduce_system(residual_fn, x, theta, ne, idx, w, iterations=50, step_ridge=0.0)
+    new_theta, new_x = fit.joint_step(own, theta, x, 0.0)
     np.testing.assert_allclose(np.asarray(new_theta - theta), step[8:], rtol=5e-3, atol=1e-5)
     np.testing.assert_allclose(np.asarray(new_x["a"] - x["a"]), step[:5], rtol=5e-3, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(new_x["b"] - x["b"]), step[5:8], rtol=5e-3, atol=1e-5)
+    # without it, a descent direction of the data term at any damping
+    for damping in (0.0, 1.0, 100.0):
+        new_theta, new_x = fit.joint_step(reduced, theta, x, damping)
+        change = np.concatenate([new_x["a"] - x["a"], new_x["b"] - x["b"], new_theta - theta])
+        assert gradient @ change < 0, damping
     # errors: the Schur complement's are larger than those of θ alone
     full = fit.standard_errors("poisson", ne, reduced.schur)
     alone = fit.standard_errors("poisson", ne)
@@ -108,6 +123,28 @@ def test_nuisance_diagonal_estimates_the_diagonal_of_the_nuisance_information():
     np.testing.assert_allclose(np.concatenate([np.asarray(diag["a"]), np.asarray(diag["b"])]), exact, rtol=0.15)
 
 
+def test_tapered_probe_makes_the_patterns_continuous_where_a_window_steps_a_pixel():
+    """Without the taper the probe's edge column wraps around when the window steps (recon.forward)."""
+    n, dk = 32, 0.1
+    dx = 1.0 / (n * dk)
+    probe = physics.probe_from_aberrations(n, dk, 80e3, 21.0, -100.0, {"C12": 20.0, "phi12": 30.0})
+    tapered = physics.taper_probe(probe, 4.0)
+    assert float(jnp.sum(jnp.abs(tapered) ** 2)) == pytest.approx(float(jnp.sum(jnp.abs(probe) ** 2)), rel=1e-5)
+    assert float(jnp.max(jnp.abs(tapered[0]))) == 0.0 and float(jnp.max(jnp.abs(tapered[:, -1]))) == 0.0
+    rng = np.random.default_rng(0)
+    obj = jnp.asarray(np.exp(1j * rng.uniform(-1, 1, (1, 64, 64))), jnp.complex64)
+    prop = jnp.ones((n, n), jnp.complex64)
+    boundary = (20 + n / 2) * dx  # the window's top-left pixel steps from 19 to 20 here
+    at = jnp.asarray([[boundary - 1e-4, 30.3], [boundary + 1e-4, 30.3]], jnp.float32)
+
+    def jump(p):
+        i = forward.predict_intensities(obj, p[None], at, jnp.zeros(2), dx, prop)
+        return float(jnp.sum(jnp.abs(i[1] - i[0])) / jnp.sum(i[0]))
+
+    assert jump(probe) > 1e-2
+    assert jump(tapered) < 1e-3
+
+
 def test_with_fitted_replaces_the_fitted_settings(tiny_plan_dict):
     plan = plan_from_dict(apply_overrides(tiny_plan_dict, {"probe.fit": ["defocus_A", "C12_A", "phi12_deg"],
                                                            "scan.fit": ["rotation_deg"], "probe.defocus_A": -90.0,
@@ -146,7 +183,7 @@ def test_fitted_optics_approach_the_truth_and_are_saved(tmp_path):
 
 @pytest.fixture(scope="module")
 def calibration_fits(tmp_path_factory):
-    """20 noise realisations fitted as benchmarks/fisher_calibration.py does (about 6 minutes on 2 cores)."""
+    """20 noise realisations fitted as benchmarks/fisher_calibration.py does (about 5 minutes on 2 cores)."""
     tmp = tmp_path_factory.mktemp("calibration")
     fits = [_fit(tmp, seed, 60, calibration.SPEC) for seed in range(20)]
     return calibration.coverage([{"fitted": r.fitted, "fitted_stderr": r.fitted_stderr} for r in fits])
@@ -154,13 +191,13 @@ def calibration_fits(tmp_path_factory):
 
 @pytest.mark.slow
 def test_defocus_two_sigma_coverage_over_noise_realisations(calibration_fits):
-    assert calibration_fits["probe.defocus_A"]["coverage_2sigma"] >= 0.9, calibration_fits  # measured 0.95
+    assert calibration_fits["probe.defocus_A"]["coverage_2sigma"] >= 0.9, calibration_fits  # measured 0.90
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known shortfall (README, Fitted optics): measured 2σ coverage 0.70 for C12 and 0.75 "
-                          "for rotation (seeds 0–19): the fits depend on the start at 60 iterations and the "
-                          "model jumps where a scan position's window moves by a pixel", strict=False)
+@pytest.mark.xfail(reason="known shortfall (README, Fitted optics): measured 2σ coverage (seeds 0–19, 60 "
+                          "iterations) 0.85 for C12 (at the threshold) and 0.75 for rotation, whose σ is ~1.8× "
+                          "smaller than the scatter of the converged fits at any dose", strict=False)
 @pytest.mark.parametrize("key", ["probe.aberrations.C12_A", "scan.rotation_deg"])
 def test_two_sigma_coverage_over_noise_realisations(calibration_fits, key):
     assert calibration_fits[key]["coverage_2sigma"] >= 0.9, calibration_fits[key]
