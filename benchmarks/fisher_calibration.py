@@ -3,10 +3,11 @@
 Usage: python benchmarks/fisher_calibration.py [--realisations 20] [--first-seed 0] [--iterations 60]
          [--engine gauss_newton] [--dose 1e4] [--out DIR]
 
-One noise-free dataset is made with an aberrated probe (defocus, C12, φ12) and a rotated scan
-(recon.physics.probe_from_aberrations + recon.forward.predict_patterns on recon.simulate's MoS2-like
-potential); each realisation draws Poisson counts from it (numpy default_rng(seed), seeds first-seed,
-first-seed + 1, ...) and fits defocus_A, C12_A, phi12_deg and rotation_deg from perturbed starting values.
+One noise-free dataset is made with an aberrated probe (defocus, C12, φ12), tapered at its window's
+edge as the fitted probe is, and a rotated scan (recon.physics.probe_from_aberrations + taper_probe +
+recon.forward.predict_patterns on recon.simulate's MoS2-like potential); each realisation draws Poisson
+counts from it (numpy default_rng(seed), seeds first-seed, first-seed + 1, ...) and fits defocus_A,
+C12_A, phi12_deg and rotation_deg from perturbed starting values.
 Prints, per parameter, the mean error, the scatter of the fitted values, the mean reported σ, and the
 coverage: the fraction of fits whose true value lies within 2σ (the target is ≥ 90 %).
 """
@@ -32,6 +33,7 @@ START = {"probe.defocus_A": -95.0, "probe.aberrations.C12_A": 16.0, "probe.aberr
          "scan.rotation_deg": 2.0}
 SPEC = SimulationSpec(pattern_px=32, scan_shape=(10, 10), dk_invA=0.1, scan_step_A=0.6, dose_e_per_A2=())
 APERTURE_EDGE_PX = 0.33  # the plan default, so that the model is exact
+TAPER_PX = 4.0  # probe.fit_taper_px: the fitted probe's edge taper, also applied to the simulated probe
 
 
 def rotate(positions_yx_A: np.ndarray, angle_deg: float) -> np.ndarray:
@@ -50,6 +52,7 @@ def clean_patterns(spec: SimulationSpec = SPEC, truth: dict = TRUTH) -> tuple[np
     aberrations = {"C12": truth["probe.aberrations.C12_A"], "phi12": truth["probe.aberrations.phi12_deg"]}
     probe = physics.probe_from_aberrations(spec.pattern_px, spec.dk_invA, spec.energy_eV, spec.semiangle_mrad,
                                            truth["probe.defocus_A"], aberrations, APERTURE_EDGE_PX)
+    probe = physics.taper_probe(probe, TAPER_PX)  # the fitted probe's model, so that it stays exact
     actual = rotate(sim.positions_yx_A, truth["scan.rotation_deg"])
     patterns = forward.predict_patterns(transmission, np.asarray(probe)[None], actual, np.zeros(2), sim.dx_A,
                                         spec.energy_eV, spec.slice_thickness_A)
@@ -76,7 +79,8 @@ def fit_plan(data: dict, engine: str, iterations: int, spec: SimulationSpec = SP
                       "defocus_A": START["probe.defocus_A"],
                       "aberrations": {"C12_A": START["probe.aberrations.C12_A"],
                                       "phi12_deg": START["probe.aberrations.phi12_deg"]},
-                      "aperture_edge_px": APERTURE_EDGE_PX, "fit": ["defocus_A", "C12_A", "phi12_deg"]},
+                      "aperture_edge_px": APERTURE_EDGE_PX, "fit": ["defocus_A", "C12_A", "phi12_deg"],
+                      "fit_taper_px": TAPER_PX},
             "detector": {"dk_invA": spec.dk_invA},
             "scan": {"step_A": spec.scan_step_A, "rotation_deg": START["scan.rotation_deg"], "fit": ["rotation_deg"]},
             "object": {"slice_thickness_A": spec.slice_thickness_A},
