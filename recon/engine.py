@@ -176,7 +176,7 @@ def optics_probe(settings: Settings, static: StaticConfig):
     psi0 = physics.probe_from_aberrations(
         static.window_px, settings.dk_invA, settings.energy_eV, settings.semiangle_mrad, settings.defocus_A,
         settings.aberrations._asdict(), settings.aperture_edge_px, static.aperture_supersample)
-    if fit.fits_probe(static.fit) and static.fit_taper_px > 0:
+    if static.fit_taper_px > 0:
         psi0 = physics.taper_probe(psi0, static.fit_taper_px)
     return physics.mixed_state_probe(psi0, static.modes, settings.main_mode_fraction) * static.n_px
 

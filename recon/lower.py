@@ -44,7 +44,7 @@ class StaticConfig:
     object_supersample: int = 1
     engine: str = "gradient"
     fit: tuple[str, ...] = ()  # fitted optics as plan key paths, e.g. ("probe.defocus_A", "scan.rotation_deg")
-    fit_taper_px: float = 0.0  # the fitted probe's edge taper (probe.fit_taper_px)
+    fit_taper_px: float = 0.0  # the fitted probe's edge taper (probe.fit_taper_px; 0 unless probe optics are fitted)
 
     @property
     def window_px(self) -> int:
@@ -281,7 +281,8 @@ def _bind(plan: Plan, dataset: Dataset) -> _Bound:
         object_shape=grid.shape, noise_model=plan.noise_model.name, parameterization=plan.object.parameterization,
         optimizers=tuple(getattr(plan.optimizers, g).name for g in OPTIMIZED),
         aperture_supersample=plan.probe.aperture_supersample, object_supersample=plan.object.supersample,
-        engine=plan.engine.name, fit=fitted_keys(plan), fit_taper_px=plan.probe.fit_taper_px)
+        engine=plan.engine.name, fit=fitted_keys(plan),
+        fit_taper_px=plan.probe.fit_taper_px if plan.probe.fit else 0.0)
     nominal_step = 1.0 if dataset.positions_in_steps else (
         dataset.scan_step_A if dataset.scan_step_A is not None else optics.scan_step_A)
     return _Bound(optics, grid, static, fit, heldout, float(nominal_step))

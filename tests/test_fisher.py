@@ -191,8 +191,9 @@ def calibration_fits(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key", ["probe.defocus_A", "probe.aberrations.C12_A", "scan.rotation_deg"])
-def test_two_sigma_coverage_over_noise_realisations(calibration_fits, key):
-    # measured 1.00 / 0.90 / 0.90 (README, Fitted optics; the goal is 0.9). The bound leaves one fit for
-    # float differences between CPUs: seed 4's rotation ends at 1.98σ.
-    assert calibration_fits[key]["coverage_2sigma"] >= 0.85, calibration_fits[key]
+@pytest.mark.parametrize("key, bound", [("probe.defocus_A", 0.9), ("probe.aberrations.C12_A", 0.85),
+                                        ("scan.rotation_deg", 0.85)])
+def test_two_sigma_coverage_over_noise_realisations(calibration_fits, key, bound):
+    # measured 1.00 / 0.90 / 0.90 (README, Fitted optics; the goal is 0.9). For C12 and rotation the bound
+    # leaves one fit for float differences between CPUs: seed 4's rotation ends at 1.98σ.
+    assert calibration_fits[key]["coverage_2sigma"] >= bound, calibration_fits[key]
